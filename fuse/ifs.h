@@ -1,0 +1,114 @@
+/*
+ * Internals of the imgfs daemon (the FUSE side): the parsed config, the
+ * mount with its drives and FUSE queues, and the entry points main.c
+ * uses.  Everything here speaks BlockBackend (blockcore/block.h) and
+ * never knows an image format.
+ */
+#ifndef IFS_H
+#define IFS_H
+
+#define FUSE_USE_VERSION 34
+
+#include <fuse_lowlevel.h>
+#include <glib.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "blockcore/aio.h"
+#include "blockcore/block.h"
+
+#define IFS_VERSION "0.1.0"
+
+/* ---- config.c ---- */
+
+typedef struct IfsDriveConfig {
+    char *name;
+    int line; /* of the [group] header */
+    BlockBackendOptions opts;
+} IfsDriveConfig;
+
+typedef struct IfsConfig {
+    char *path; /* as given */
+    char *dir;  /* absolute directory of the config file */
+    unsigned iothreads;
+    GPtrArray *drives; /* IfsDriveConfig *, in file order */
+} IfsConfig;
+
+/*
+ * Read and check a config file completely.  Errors are one line:
+ * "config.ini:7: drive 'disk0': unknown key 'colour'".
+ */
+IfsConfig *ifs_config_load(const char *path, GError **errp);
+void ifs_config_free(IfsConfig *cfg);
+
+/* ---- mount.c ---- */
+
+typedef struct IfsMount IfsMount;
+typedef struct IfsQueue IfsQueue;
+
+typedef struct IfsDrive {
+    char *name;
+    fuse_ino_t ino;
+    BlockBackend *blk;
+    AioContext *ctx;
+    bool read_only;
+    int refcnt;        /* atomic: the drive table and each open file */
+    int64_t mtime_ns;  /* atomic: last write, for getattr */
+} IfsDrive;
+
+struct IfsMount {
+    IfsConfig *cfg;
+    char *mountpoint;
+    bool foreground;
+    char **fuse_opts; /* -o values from the command line */
+    struct fuse_session *se;
+
+    GRWLock lock;      /* protects drives */
+    GPtrArray *drives; /* IfsDrive *, protected by lock */
+
+    unsigned nthreads;
+    IOThread **threads;
+    IfsQueue **queues;
+
+    int inflight;      /* atomic: FUSE requests being served */
+    int exiting;       /* atomic: stop serving, drain */
+    GMutex drain_lock;
+    GCond drain_cond;
+    GMainLoop *loop;
+
+    uid_t uid;
+    gid_t gid;
+    int64_t start_ns; /* CLOCK_REALTIME at mount */
+};
+
+/* Mount, serve until unmounted or signalled, clean up.  Returns the
+ * process exit status. */
+int ifs_mount_main(IfsConfig *cfg, const char *mountpoint, bool foreground,
+                   char **fuse_opts);
+
+IfsDrive *ifs_drive_ref(IfsDrive *d);
+void ifs_drive_unref(IfsDrive *d);
+/* Look up a drive (with a reference) by inode or name. */
+IfsDrive *ifs_find_drive_ino(IfsMount *m, fuse_ino_t ino);
+IfsDrive *ifs_find_drive_name(IfsMount *m, const char *name);
+
+/* Receive buffers: the write payload lands page aligned. */
+typedef struct IfsBuf IfsBuf;
+void ifs_buf_free(IfsBuf *b);
+
+/* ---- ops.c ---- */
+
+extern const struct fuse_lowlevel_ops ifs_ops;
+
+/* Set by the queue that read the current request (this thread). */
+void ifs_ops_set_current(int reply_fd, IfsBuf *buf);
+/* Did the op keep the receive buffer (a write in flight)? */
+bool ifs_ops_took_buffer(void);
+/* Writes a reply to the queue its request came from. */
+ssize_t ifs_ops_writev(int fd, struct iovec *iov, int count, void *userdata);
+
+/* Called by ops.c when a request completes. */
+void ifs_request_finished(IfsMount *m);
+void ifs_request_started(IfsMount *m);
+
+#endif /* IFS_H */
