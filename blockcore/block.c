@@ -391,6 +391,62 @@ void image_info_add(ImageInfoSpec *spec, const char *key, const char *fmt,
     va_end(ap);
 }
 
+static BdrvChild *bdrv_standalone_child(BlockDriverState *bs)
+{
+    BdrvChild *c = g_new0(BdrvChild, 1);
+
+    c->name = g_strdup("standalone");
+    c->bs = bs;
+    c->role = BDRV_CHILD_FILE;
+    return c;
+}
+
+BdrvChild *coroutine_fn bdrv_co_open_standalone(const char *filename,
+                                                const char *format, int flags,
+                                                GError **errp)
+{
+    BlockDriverState *bs =
+        bdrv_co_open_node(filename, format, NULL, flags, NULL, errp);
+
+    return bs ? bdrv_standalone_child(bs) : NULL;
+}
+
+BdrvChild *coroutine_fn bdrv_co_open_driver_standalone(const BlockDriver *drv,
+                                                       const char *filename,
+                                                       GHashTable *opts,
+                                                       int flags,
+                                                       GError **errp)
+{
+    BlockDriverState *bs = bdrv_new(filename, NULL);
+    g_autoptr(GHashTable) o = opt_table_new();
+    GHashTableIter it;
+    gpointer k, v;
+
+    if (opts) {
+        g_hash_table_iter_init(&it, opts);
+        while (g_hash_table_iter_next(&it, &k, &v)) {
+            g_hash_table_insert(o, g_strdup(k), g_strdup(v));
+        }
+    }
+    if (filename) {
+        g_hash_table_replace(o, g_strdup("filename"), g_strdup(filename));
+    }
+    if (bdrv_co_open_driver(bs, drv, o, flags, errp) < 0) {
+        bdrv_free(bs);
+        return NULL;
+    }
+    return bdrv_standalone_child(bs);
+}
+
+void coroutine_fn bdrv_co_close_standalone(BdrvChild *child)
+{
+    if (child) {
+        bdrv_co_unref(child->bs);
+        g_free(child->name);
+        g_free(child);
+    }
+}
+
 /* Entry points used by block-backend.c */
 BlockDriverState *coroutine_fn bdrv_co_open_root(const char *filename,
                                                  const char *format,

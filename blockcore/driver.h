@@ -67,6 +67,7 @@ enum {
     BDRV_O_NO_LOCK = 1 << 6,       /* do not lock image files */
     BDRV_O_FORCE_SHARE = 1 << 7,   /* read-only: tolerate other writers */
     BDRV_O_UNMAP = 1 << 8,         /* discard requests may deallocate */
+    BDRV_O_CREATE = 1 << 9,        /* protocol: create or truncate the file */
 };
 #define BDRV_O_INHERIT_MASK                                                    \
     (BDRV_O_NOCACHE | BDRV_O_NO_FLUSH | BDRV_O_AIO_IO_URING |                  \
@@ -229,6 +230,16 @@ struct BlockDriver {
 
     /* Bytes of host storage the node uses, or -ENOTSUP.  Optional. */
     int64_t coroutine_fn (*co_get_allocated_size)(BlockDriverState *bs);
+
+    /*
+     * Formats imgfs can create (e.g. the temporary overlay of
+     * snapshot=on): write a new, empty image of @size bytes into @file (an
+     * open, empty, writable protocol node), with an optional backing file
+     * and its format.  Optional.
+     */
+    int coroutine_fn (*co_create)(BdrvChild *file, int64_t size,
+                                  const char *backing_file,
+                                  const char *backing_format, GError **errp);
 };
 
 typedef LIST_HEAD(, BdrvTrackedRequest) BdrvTrackedList;
@@ -304,6 +315,21 @@ BdrvChild *coroutine_fn bdrv_co_open_child(BlockDriverState *parent,
  */
 #define BDRV_MAX_CHAIN_DEPTH 64
 int coroutine_fn bdrv_co_open_backing(BlockDriverState *bs, GError **errp);
+/*
+ * A node tree with no parent (for creating images, and for tests): open
+ * @filename with @format as above, or with the driver @drv directly
+ * (then @filename goes to it as option "filename").  Close with
+ * bdrv_co_close_standalone().
+ */
+BdrvChild *coroutine_fn bdrv_co_open_standalone(const char *filename,
+                                                const char *format, int flags,
+                                                GError **errp);
+BdrvChild *coroutine_fn bdrv_co_open_driver_standalone(const BlockDriver *drv,
+                                                       const char *filename,
+                                                       GHashTable *opts,
+                                                       int flags,
+                                                       GError **errp);
+void coroutine_fn bdrv_co_close_standalone(BdrvChild *child);
 /* Close and free a child node. */
 void coroutine_fn bdrv_co_unref_child(BlockDriverState *parent,
                                       BdrvChild *child);

@@ -215,7 +215,10 @@ static int coroutine_fn file_co_open(BlockDriverState *bs, GHashTable *opts,
     if (flags & BDRV_O_NOCACHE) {
         oflags |= O_DIRECT;
     }
-    s->fd = open(filename, oflags);
+    if (flags & BDRV_O_CREATE) {
+        oflags |= O_CREAT | O_TRUNC;
+    }
+    s->fd = open(filename, oflags, 0644);
     if (s->fd < 0) {
         int err = errno;
 
