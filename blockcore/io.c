@@ -117,8 +117,12 @@ static void coroutine_fn wait_serialising_requests(BdrvTrackedRequest *self)
                                 req->overlap_offset, req->overlap_bytes)) {
                 continue;
             }
-            /* Two serialising requests must not wait for each other. */
-            if (req->waiting_for == self) {
+            /*
+             * Wait only for requests that are running.  One that waits
+             * itself rescans when it wakes and then waits for us if it
+             * must; waiting for it could close a cycle of waiters.
+             */
+            if (req->waiting_for) {
                 continue;
             }
             self->waiting_for = req;
