@@ -16,18 +16,17 @@ static void coroutine_fn co_count_yields(void *opaque)
     int *n = opaque;
 
     (*n)++;
-    co_yield();
+    co_yield ();
     (*n)++;
-    co_yield();
+    co_yield ();
     (*n)++;
 }
 
 static void test_enter_yield(void)
 {
-    Coroutine *co = co_create(co_count_yields, NULL);
     int n = 0;
+    Coroutine *co = co_create(co_count_yields, &n);
 
-    co = co_create(co_count_yields, &n);
     g_assert_false(co_in_coroutine());
     co_enter(co);
     g_assert_cmpint(n, ==, 1);
@@ -48,7 +47,7 @@ static void coroutine_fn co_inner(void *opaque)
     Nest *n = opaque;
 
     g_string_append(n->log, "i1 ");
-    co_yield();
+    co_yield ();
     g_string_append(n->log, "i2 ");
 }
 
@@ -60,7 +59,7 @@ static void coroutine_fn co_outer(void *opaque)
     n->inner = co_create(co_inner, n);
     co_enter(n->inner); /* yields back to us, not to main */
     g_string_append(n->log, "o2 ");
-    co_yield();
+    co_yield ();
     g_string_append(n->log, "o3 ");
 }
 
@@ -371,8 +370,8 @@ static void coroutine_fn co_check_ctx(void *opaque)
     SyncTest *s = opaque;
 
     co_sleep_ns(1000000);
-    s->ran_in_ctx = aio_current() == s->expect &&
-                    co_get_ctx(co_self()) == s->expect;
+    s->ran_in_ctx =
+        aio_current() == s->expect && co_get_ctx(co_self()) == s->expect;
 }
 
 /* aio_co_run_sync into a running iothread from the main thread. */

@@ -275,8 +275,7 @@ static void coroutine_fn co_writer(void *opaque)
     uint8_t *buf = g_malloc(w->len);
 
     memset(buf, w->val, w->len);
-    g_assert_cmpint(bdrv_co_pwrite(w->f->child, w->off, w->len, buf, 0), ==,
-                    0);
+    g_assert_cmpint(bdrv_co_pwrite(w->f->child, w->off, w->len, buf, 0), ==, 0);
     g_free(buf);
     (*w->done)++;
 }
@@ -348,9 +347,8 @@ static void coroutine_fn co_zeroes(void *opaque)
 
     memset(buf, 0xee, f->size);
     g_assert_cmpint(bdrv_co_pwrite(f->child, 0, f->size, buf, 0), ==, 0);
-    g_assert_cmpint(bdrv_co_pwrite_zeroes(f->child, 777, 20000,
-                                          BDRV_REQ_MAY_UNMAP),
-                    ==, 0);
+    g_assert_cmpint(
+        bdrv_co_pwrite_zeroes(f->child, 777, 20000, BDRV_REQ_MAY_UNMAP), ==, 0);
     g_assert_cmpint(bdrv_co_pread(f->child, 0, f->size, buf, 0), ==, 0);
     for (i = 0; i < f->size; i++) {
         g_assert_cmpint(buf[i], ==, (i >= 777 && i < 20777) ? 0 : 0xee);
@@ -410,8 +408,7 @@ static void coroutine_fn co_flushes(void *opaque)
     g_assert_cmpint(bdrv_co_flush(f->child->bs), ==, 0);
     g_assert_cmpint(f->s->flushes, ==, 1);
     /* FUA without native support: a flush after the write. */
-    g_assert_cmpint(bdrv_co_pwrite(f->child, 0, 512, buf, BDRV_REQ_FUA), ==,
-                    0);
+    g_assert_cmpint(bdrv_co_pwrite(f->child, 0, 512, buf, BDRV_REQ_FUA), ==, 0);
     g_assert_cmpint(f->s->flushes, ==, 2);
 }
 

@@ -36,13 +36,14 @@ static void test_size(void)
         const char *s;
         uint64_t v;
     } good[] = {
-        {"0", 0},           {"512", 512},        {"1K", 1024},
-        {"1k", 1024},       {"64M", 64 << 20},   {"64MiB", 64 << 20},
-        {"2G", 2ULL << 30}, {"1T", 1ULL << 40},  {"1.5K", 1536},
+        {"0", 0},           {"512", 512},       {"1K", 1024},
+        {"1k", 1024},       {"64M", 64 << 20},  {"64MiB", 64 << 20},
+        {"2G", 2ULL << 30}, {"1T", 1ULL << 40}, {"1.5K", 1536},
         {"10B", 10},        {"1MB", 1 << 20},
     };
-    static const char *bad[] = {"", "-1", "1X", "M", "1.5", "1KK", "1 K",
-                                "0x10", "99999999999999999999"};
+    static const char *bad[] = {"",    "-1",   "1X",
+                                "M",   "1.5",  "1KK",
+                                "1 K", "0x10", "99999999999999999999"};
     uint64_t v;
     unsigned i;
 
@@ -86,8 +87,7 @@ static void test_messages(void)
     g_assert_nonnull(strstr(err->message, "key 'raw.offset'"));
     g_clear_error(&err);
     g_assert_cmpint(blk_options_set(&o, "raw.bogus", "1", &err), ==, -ENOENT);
-    g_assert_cmpint(blk_options_set(&o, "format", "nosuch", &err), ==,
-                    -EINVAL);
+    g_assert_cmpint(blk_options_set(&o, "format", "nosuch", &err), ==, -EINVAL);
     g_assert_nonnull(strstr(err->message, "nosuch"));
     g_clear_error(&err);
     g_assert_cmpint(blk_options_set(&o, "cache", "none", &err), ==, 0);
