@@ -150,11 +150,15 @@ static void coroutine_fn bdrv_co_unref(BlockDriverState *bs);
  * Open @filename: a protocol node, and unless @format names a protocol,
  * a format node on top of it (probed when @format is NULL).  @opts are
  * the drive's namespaced driver keys, or NULL for nodes below the top
- * (backing files), which take no driver keys.
+ * (backing files), which take no driver keys.  @chain_parent and
+ * @chain_depth place the nodes in a backing chain before their drivers
+ * open, so a driver opening its own backing file sees the whole chain
+ * (loop detection, depth limit).
  */
 static BlockDriverState *coroutine_fn
 bdrv_co_open_node(const char *filename, const char *format, GHashTable *opts,
-                  int flags, const char *drive, GError **errp)
+                  int flags, const char *drive, BlockDriverState *chain_parent,
+                  int chain_depth, GError **errp)
 {
     const BlockDriver *proto, *fmt = NULL;
     BlockDriverState *pbs, *bs;
@@ -186,6 +190,8 @@ bdrv_co_open_node(const char *filename, const char *format, GHashTable *opts,
         g_hash_table_replace(popts, g_strdup("filename"), g_strdup(filename));
     }
     pbs = bdrv_new(filename, drive);
+    pbs->chain_parent = chain_parent;
+    pbs->chain_depth = chain_depth;
     ret = bdrv_co_open_driver(pbs, proto, popts, flags, errp);
     if (ret < 0) {
         bdrv_free(pbs);
@@ -196,6 +202,8 @@ bdrv_co_open_node(const char *filename, const char *format, GHashTable *opts,
     }
 
     bs = bdrv_new(pbs->filename, drive);
+    bs->chain_parent = chain_parent;
+    bs->chain_depth = chain_depth;
     bdrv_attach_child(bs, pbs, "file", BDRV_CHILD_FILE);
 
     if (!fmt) {
@@ -295,6 +303,7 @@ BdrvChild *coroutine_fn bdrv_co_open_child(BlockDriverState *parent,
 {
     BlockDriverState *bs;
     BdrvChild *c;
+    int depth;
 
     if (flags < 0) {
         flags = parent->open_flags & BDRV_O_INHERIT_MASK;
@@ -302,13 +311,12 @@ BdrvChild *coroutine_fn bdrv_co_open_child(BlockDriverState *parent,
             flags |= parent->open_flags & BDRV_O_RDWR;
         }
     }
+    depth = parent->chain_depth + (role == BDRV_CHILD_BACKING);
     bs = bdrv_co_open_node(filename, format, NULL, flags, parent->drive_name,
-                           errp);
+                           parent, depth, errp);
     if (!bs) {
         return NULL;
     }
-    bs->chain_depth = parent->chain_depth + (role == BDRV_CHILD_BACKING);
-    bs->chain_parent = parent;
     c = bdrv_attach_child(parent, bs, name, role);
     bdrv_refresh_limits(parent);
     return c;
@@ -404,7 +412,7 @@ BdrvChild *coroutine_fn bdrv_co_open_standalone(const char *filename,
                                                 GError **errp)
 {
     BlockDriverState *bs =
-        bdrv_co_open_node(filename, format, NULL, flags, NULL, errp);
+        bdrv_co_open_node(filename, format, NULL, flags, NULL, NULL, 0, errp);
 
     return bs ? bdrv_standalone_child(bs) : NULL;
 }
@@ -454,7 +462,8 @@ BlockDriverState *coroutine_fn
 bdrv_co_open_root(const char *filename, const char *format, GHashTable *opts,
                   int flags, const char *drive, GError **errp)
 {
-    return bdrv_co_open_node(filename, format, opts, flags, drive, errp);
+    return bdrv_co_open_node(filename, format, opts, flags, drive, NULL, 0,
+                             errp);
 }
 
 void coroutine_fn bdrv_co_close_root(BlockDriverState *bs)
