@@ -378,10 +378,17 @@ int coroutine_fn bdrv_co_open_backing(BlockDriverState *bs, GError **errp)
     c = bdrv_co_open_child(bs, "backing", BDRV_CHILD_BACKING, path,
                            bs->backing_format, -1, &local_err);
     if (!c) {
-        g_set_error(errp, G_FILE_ERROR, local_err->code,
-                    "backing file of '%s': %s", bdrv_name(bs),
-                    local_err->message);
-        g_error_free(local_err);
+        /* An error deeper in the chain already names the image whose
+         * backing file failed: one prefix per level would bury the
+         * reason of a long chain past the end of the log line. */
+        if (g_str_has_prefix(local_err->message, "backing file of ")) {
+            g_propagate_error(errp, local_err);
+        } else {
+            g_set_error(errp, G_FILE_ERROR, local_err->code,
+                        "backing file of '%s': %s", bdrv_name(bs),
+                        local_err->message);
+            g_error_free(local_err);
+        }
         return -EINVAL;
     }
     return 0;
