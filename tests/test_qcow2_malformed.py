@@ -1,0 +1,351 @@
+"""Malformed qcow2 images, hand-made from qemu-img images by patching
+bytes.  Each must give a clear error: either the daemon refuses to mount
+and names the drive and the problem, or reads of the damaged range fail
+with EIO and the log names the image, the offset and the reason -- while
+another drive of the same mount keeps working.  Never a crash.
+"""
+
+import errno
+import os
+import struct
+import subprocess
+
+import pytest
+
+from conftest import MiB, read_at, write_config
+from qcow2util import create_qcow2, header_fields, patch, qemu_img, qemu_io
+
+SIZE = 8 * MiB
+
+
+def good_image(path):
+    """A valid image with known data: 0x5a in its first 1 MiB."""
+    create_qcow2(path, SIZE)
+    qemu_io(path, "write -P 0x5a 0 1M")
+    return path
+
+
+def data_image(path, opts=None):
+    """An image with data in its first 2 MiB (several L2 entries)."""
+    create_qcow2(path, SIZE, opts)
+    qemu_io(path, "write -P 0x11 0 2M", f"write -P 0x22 {SIZE - MiB} 1M")
+    return path
+
+
+def l1_entry(path, index=0):
+    h = header_fields(path)
+    with open(path, "rb") as f:
+        f.seek(h["l1_offset"] + 8 * index)
+        return struct.unpack(">Q", f.read(8))[0]
+
+
+def set_l1_entry(path, value, index=0):
+    h = header_fields(path)
+    patch(path, h["l1_offset"] + 8 * index, struct.pack(">Q", value))
+
+
+def l2_entry_offset(path, index):
+    """Where L2 entry INDEX (of the first L2 table) lives in the file."""
+    return (l1_entry(path) & 0x00FFFFFFFFFFFE00) + 8 * index
+
+
+def mount_fails(imgfs_bin, tmp_path, drives):
+    """Run `imgfs mount -f` on DRIVES; it must refuse.  Its stderr."""
+    config = write_config(tmp_path / "bad.ini", drives)
+    mnt = tmp_path / "mnt-refused"
+    mnt.mkdir()
+    proc = subprocess.run([str(imgfs_bin), "mount", "-f", str(config),
+                           str(mnt)], capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode != 0, "imgfs mounted a broken image"
+    assert "AddressSanitizer" not in proc.stderr
+    assert "runtime error" not in proc.stderr
+    return proc.stderr
+
+
+def both(tmp_path, bad):
+    return {"good": {"file": good_image(tmp_path / "good.qcow2"),
+                     "format": "qcow2"},
+            "bad": {"file": bad, "format": "qcow2"}}
+
+
+def assert_eio(path, offset, length):
+    with open(path, "rb", buffering=0) as f:
+        f.seek(offset)
+        with pytest.raises(OSError) as e:
+            f.read(length)
+    assert e.value.errno == errno.EIO
+
+
+def assert_good_works(mount):
+    assert read_at(mount.drive("good"), 0, MiB) == b"\x5a" * MiB
+    with open(mount.drive("good"), "r+b") as f:
+        f.write(b"\x01" * 4096)
+    assert read_at(mount.drive("good"), 0, 4096) == b"\x01" * 4096
+
+
+# -- refused at mount ----------------------------------------------------
+
+
+def bad_magic(path):
+    patch(path, 0, b"QFI\x00")
+    return "not a qcow2 image"
+
+
+def huge_l1(path):
+    patch(path, 36, struct.pack(">I", 0x40000000))
+    return "L1 table is too large"
+
+
+def l1_past_end(path):
+    patch(path, 40, struct.pack(">Q", 1 << 40))
+    return "L1 table at offset 0x10000000000 is past the end of the file"
+
+
+def l1_misaligned(path):
+    h = header_fields(path)
+    patch(path, 40, struct.pack(">Q", h["l1_offset"] + 512))
+    return "is not aligned to a cluster"
+
+
+def reftable_past_end(path):
+    patch(path, 48, struct.pack(">Q", 1 << 40))
+    return "refcount table at offset 0x10000000000 is past the end"
+
+
+def reftable_misaligned(path):
+    h = header_fields(path)
+    patch(path, 48, struct.pack(">Q", h["reftable_offset"] + 4096))
+    return "refcount table at offset"
+
+
+def refblock_past_end(path):
+    h = header_fields(path)
+    patch(path, h["reftable_offset"], struct.pack(">Q", 1 << 40))
+    return "refcount block 0 at offset 0x10000000000 is past the end"
+
+
+def refblock_misaligned(path):
+    h = header_fields(path)
+    with open(path, "rb") as f:
+        f.seek(h["reftable_offset"])
+        rb = struct.unpack(">Q", f.read(8))[0]
+    patch(path, h["reftable_offset"], struct.pack(">Q", rb + 4096))
+    return "is not aligned to a cluster"
+
+
+def unknown_incompatible_named(path):
+    """Incompatible bit 20, named in a feature table we add."""
+    h = header_fields(path)
+    patch(path, 72, struct.pack(">Q", h["incompatible"] | (1 << 20)))
+    # replace the header extensions with a feature table and the end mark
+    table = struct.pack(">BB46s", 0, 20, b"imaginary feature")
+    ext = struct.pack(">II", 0x6803F857, len(table)) + table
+    patch(path, h["header_length"], ext + b"\0" * 8)
+    return "'imaginary feature' (incompatible bit 20)"
+
+
+def unknown_incompatible_bit(path):
+    h = header_fields(path)
+    patch(path, 72, struct.pack(">Q", h["incompatible"] | (1 << 33)))
+    return "incompatible bit 33"
+
+
+REFUSED = {
+    "bad-magic": bad_magic,
+    "huge-l1-size": huge_l1,
+    "l1-past-end": l1_past_end,
+    "l1-misaligned": l1_misaligned,
+    "reftable-past-end": reftable_past_end,
+    "reftable-misaligned": reftable_misaligned,
+    "refblock-past-end": refblock_past_end,
+    "refblock-misaligned": refblock_misaligned,
+    "unknown-incompatible-named": unknown_incompatible_named,
+    "unknown-incompatible-bit": unknown_incompatible_bit,
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_refused_at_mount(imgfs_bin, tmp_path, case):
+    bad = data_image(tmp_path / "bad.qcow2")
+    reason = REFUSED[case](bad)
+    stderr = mount_fails(imgfs_bin, tmp_path, both(tmp_path, bad))
+    assert "drive 'bad'" in stderr, stderr
+    assert reason in stderr, stderr
+
+
+def test_backing_loop_refused(imgfs_bin, tmp_path):
+    a = tmp_path / "a.qcow2"
+    b = tmp_path / "b.qcow2"
+    create_qcow2(b, SIZE)
+    create_qcow2(a, SIZE, backing="b.qcow2", backing_fmt="qcow2")
+    # b's backing file becomes a: a loop (qemu-img rebase -u is unsafe
+    # mode: it only rewrites the header)
+    qemu_img("rebase", "-u", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2",
+             str(b))
+    stderr = mount_fails(imgfs_bin, tmp_path, both(tmp_path, a))
+    assert "drive 'bad'" in stderr, stderr
+    assert "backing chain loop" in stderr, stderr
+
+
+def test_backing_chain_depth(imgfs, imgfs_bin, tmp_path):
+    """A chain of 64 images opens; one more is refused (loop guard)."""
+    prev = tmp_path / "c0.qcow2"
+    create_qcow2(prev, SIZE)
+    qemu_io(prev, "write -P 0x7e 0 64k")
+    for i in range(1, 64):
+        img = tmp_path / f"c{i}.qcow2"
+        create_qcow2(img, SIZE, backing=prev.name, backing_fmt="qcow2")
+        prev = img
+    mount = imgfs({"disk0": {"file": prev, "format": "qcow2"}})
+    assert read_at(mount.drive(), 0, 4096) == b"\x7e" * 4096
+    assert mount.unmount() == 0
+    top = tmp_path / "c64.qcow2"
+    create_qcow2(top, SIZE, backing=prev.name, backing_fmt="qcow2")
+    stderr = mount_fails(imgfs_bin, tmp_path, both(tmp_path, top))
+    assert "longer than 64 images" in stderr, stderr
+
+
+def test_self_backing_refused(imgfs_bin, tmp_path):
+    a = create_qcow2(tmp_path / "a.qcow2", SIZE)
+    qemu_img("rebase", "-u", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2",
+             str(a))
+    stderr = mount_fails(imgfs_bin, tmp_path, both(tmp_path, a))
+    assert "backing chain loop" in stderr, stderr
+
+
+# -- EIO on the damaged range ---------------------------------------------
+
+
+def l2_past_end(path):
+    set_l1_entry(path, (1 << 40) | (1 << 63))
+    return 0, "L2 table offset 0x10000000000 is past the end of the file"
+
+
+def l2_misaligned(path):
+    set_l1_entry(path, (l1_entry(path) + 512) | (1 << 63))
+    return 0, "is not aligned to a cluster"
+
+
+def l2_over_reftable(path):
+    h = header_fields(path)
+    set_l1_entry(path, h["reftable_offset"] | (1 << 63))
+    return 0, "overlaps the refcount table"
+
+
+def data_cluster_misaligned(path):
+    at = l2_entry_offset(path, 3)
+    with open(path, "rb") as f:
+        f.seek(at)
+        entry = struct.unpack(">Q", f.read(8))[0]
+    patch(path, at, struct.pack(">Q", entry + 4096))
+    return 3 * 65536, "is not aligned"
+
+
+def data_cluster_past_end(path):
+    patch(path, l2_entry_offset(path, 2),
+          struct.pack(">Q", (1 << 63) | (1 << 44)))
+    return 2 * 65536, "past the end of the file"
+
+
+def compressed_past_end(path):
+    """A compressed cluster whose data offset lies past the file's end."""
+    at = l2_entry_offset(path, 1)
+    with open(path, "rb") as f:
+        f.seek(at)
+        entry = struct.unpack(">Q", f.read(8))[0]
+    assert entry & (1 << 62), "qemu-img did not compress cluster 1"
+    x = 62 - (16 - 8)  # 64 KiB clusters
+    sectors = entry & ~((1 << x) - 1)
+    patch(path, at, struct.pack(">Q", sectors | (1 << 40)))
+    return 65536, "compressed cluster"
+
+
+def compressed_garbage(path):
+    """A compressed cluster whose data does not inflate."""
+    at = l2_entry_offset(path, 1)
+    with open(path, "rb") as f:
+        f.seek(at)
+        entry = struct.unpack(">Q", f.read(8))[0]
+    x = 62 - (16 - 8)
+    patch(path, entry & ((1 << x) - 1), b"\xff" * 64)
+    return 65536, "does not decompress"
+
+
+# (damage, how the image is made): damage to the first L2 table needs
+# small clusters, so that the end of the drive has a table of its own.
+EIO = {
+    "l2-past-end": (l2_past_end, "4k"),
+    "l2-misaligned": (l2_misaligned, "4k"),
+    "l2-overlaps-reftable": (l2_over_reftable, "4k"),
+    "data-cluster-misaligned": (data_cluster_misaligned, None),
+    "data-cluster-past-end": (data_cluster_past_end, None),
+    "compressed-past-end": (compressed_past_end, "compress"),
+    "compressed-garbage": (compressed_garbage, "compress"),
+}
+
+
+@pytest.mark.parametrize("case", list(EIO))
+def test_eio_on_damaged_range(imgfs, tmp_path, case):
+    damage, kind = EIO[case]
+    if kind == "compress":
+        src = data_image(tmp_path / "src.qcow2")
+        bad = tmp_path / "bad.qcow2"
+        qemu_img("convert", "-c", "-O", "qcow2", str(src), str(bad))
+    elif kind == "4k":
+        bad = data_image(tmp_path / "bad.qcow2", "cluster_size=4096")
+    else:
+        bad = data_image(tmp_path / "bad.qcow2")
+    offset, reason = damage(bad)
+    before = bad.read_bytes()
+    mount = imgfs(both(tmp_path, bad))
+
+    assert_eio(mount.drive("bad"), offset, 65536)
+    assert_eio(mount.drive("bad"), offset, 65536)  # and again
+    assert_good_works(mount)
+    # an undamaged part of the broken drive still reads
+    assert read_at(mount.drive("bad"), SIZE - MiB, 4096) == b"\x22" * 4096
+    log = mount.stderr()
+    assert "drive 'bad'" in log and "bad.qcow2" in log, log
+    assert "corrupt image at offset 0x" in log, log
+    assert reason in log, log
+    assert mount.unmount() == 0
+    # reads never write: the broken image is untouched
+    assert bad.read_bytes() == before
+
+
+def test_write_into_damaged_table_fails(imgfs, tmp_path):
+    bad = data_image(tmp_path / "bad.qcow2")
+    l2_past_end(bad)
+    mount = imgfs(both(tmp_path, bad))
+    fd = os.open(mount.drive("bad"), os.O_WRONLY)
+    try:
+        with pytest.raises(OSError) as e:
+            os.pwrite(fd, b"x" * 4096, 4096)
+            os.fsync(fd)
+        assert e.value.errno == errno.EIO
+    finally:
+        os.close(fd)
+    assert_good_works(mount)
+    assert mount.unmount() == 0
+
+
+def test_corrupt_bit_opens_read_only(imgfs, tmp_path):
+    """An image marked corrupt is served read-only, and left as it is."""
+    bad = data_image(tmp_path / "bad.qcow2")
+    h = header_fields(bad)
+    patch(bad, 72, struct.pack(">Q", h["incompatible"] | 2))
+    before = bad.read_bytes()
+    mount = imgfs(both(tmp_path, bad))
+    assert read_at(mount.drive("bad"), 0, 4096) == b"\x11" * 4096
+    fd = os.open(mount.drive("bad"), os.O_WRONLY)
+    try:
+        with pytest.raises(OSError) as e:
+            os.pwrite(fd, b"x" * 4096, 0)
+        assert e.value.errno == errno.EROFS
+    finally:
+        os.close(fd)
+    assert "marked corrupt" in mount.stderr()
+    assert_good_works(mount)
+    assert mount.unmount() == 0
+    assert bad.read_bytes() == before
