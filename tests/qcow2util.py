@@ -5,9 +5,11 @@ keeping the model in step.  The oracles stay outside the project:
 qemu-img check, qemu-img compare and qemu-img convert.
 """
 
+import contextlib
 import json
 import os
 import random
+import signal
 import struct
 import subprocess
 
@@ -16,12 +18,19 @@ from conftest import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
     FALLOC_FL_ZERO_RANGE,
+    SANITIZER_MARKS,
     KiB,
     MiB,
+    Mount,
     assert_same_bytes,
+    daemon_env,
     drop_caches,
     fallocate,
+    is_mounted,
     require_tool,
+    unmount,
+    wait_until_answers,
+    write_config,
 )
 
 
@@ -211,3 +220,39 @@ def assert_drive_matches(drive, model, what):
     with open(drive, "rb") as f:
         got = f.read()
     assert_same_bytes(got, bytes(model.data), what)
+
+
+@contextlib.contextmanager
+def killable_mount(imgfs_bin, tmp_path, drives, name="mnt"):
+    """Like the imgfs fixture, for a daemon the test may SIGKILL: yields a
+    conftest.Mount; afterwards the mount is taken down whatever happened,
+    and a sanitizer report in the daemon's stderr fails the test."""
+    config = write_config(tmp_path / f"{name}.ini", drives)
+    mnt = tmp_path / name
+    mnt.mkdir()
+    log = tmp_path / f"{name}.log"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(
+            [str(imgfs_bin), "mount", "-f", str(config), str(mnt)],
+            stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+            env=daemon_env(), start_new_session=True)
+    mount = Mount(mnt, config, log, proc, drives)
+    try:
+        wait_until_answers(mount, list(drives))
+        yield mount
+    finally:
+        if mount.returncode() is None:
+            mount.proc.kill()
+            mount.wait()
+        if is_mounted(mnt):
+            unmount(mnt, lazy=True)
+        text = mount.stderr()
+        assert not any(m in text for m in SANITIZER_MARKS), text[-20000:]
+
+
+def sigkill(mount):
+    """SIGKILL the daemon of MOUNT and clear its dead mount point."""
+    mount.stopped_by_test = True
+    os.kill(mount.pid, signal.SIGKILL)
+    assert mount.wait() == -signal.SIGKILL
+    unmount(mount.path, lazy=True)
