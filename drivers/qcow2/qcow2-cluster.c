@@ -544,7 +544,9 @@ int coroutine_fn qcow2_co_grow_l1(Qcow2State *s, uint64_t min_size)
     qcow2_meta_add(s, new_off, bytes, QCOW2_META_L1);
     ret = bdrv_co_pwrite(s->bs->file, new_off, bytes, be, 0);
     bdrv_vfree(be);
-    if (ret == 0 && !s->lazy_refcounts) {
+    /* Refcounts first even with lazy refcounts: a resize does not set
+     * the dirty bit. */
+    if (ret == 0) {
         ret = qcow2_co_writeback(s, false, true);
     }
     if (ret == 0) {

@@ -908,7 +908,6 @@ static int coroutine_fn qcow2_co_truncate(BlockDriverState *bs, int64_t offset,
         }
     }
     if ((uint64_t)offset > old) {
-        bs->total_bytes = offset; /* our own writes below need it */
         ret = zero_grown_tail(s, old, offset);
         if (ret < 0) {
             return open_error(errp, -ret,
@@ -924,6 +923,8 @@ out_unlock:
 }
 
 /* ---- imgfs info ---- */
+
+static int64_t coroutine_fn allocated_of(BlockDriverState *bs);
 
 static void coroutine_fn qcow2_co_get_info(BlockDriverState *bs,
                                            ImageInfoSpec *spec)
@@ -949,9 +950,14 @@ static void coroutine_fn qcow2_co_get_info(BlockDriverState *bs,
     image_info_add(spec, "dirty-flag", "%s",
                    (s->incompatible & QCOW2_INCOMPAT_DIRTY) ? "true" : "false");
     if (s->data_file_name) {
+        int64_t n = allocated_of(s->data_file->bs);
+
         image_info_add(spec, "data-file", "%s", s->data_file_name);
         image_info_add(spec, "data-file-raw", "%s",
                        s->data_file_raw ? "true" : "false");
+        if (n >= 0) {
+            image_info_add(spec, "data-file-actual-size", "%" PRId64, n);
+        }
     }
     image_info_add(spec, "snapshots", "%u", s->nb_snapshots);
     for (type = 0; type < 3; type++) {
@@ -980,23 +986,20 @@ static void coroutine_fn qcow2_co_get_info(BlockDriverState *bs,
     image_info_add(spec, "refcount-cache-size", "%" PRIu64, s->rb_cache_bytes);
 }
 
-static int64_t coroutine_fn qcow2_co_get_allocated_size(BlockDriverState *bs)
+/* Host bytes of @bs's storage, or -ENOTSUP. */
+static int64_t coroutine_fn allocated_of(BlockDriverState *bs)
 {
-    Qcow2State *s = bs->opaque;
-    BlockDriverState *f = bs->file->bs;
-    int64_t total, n;
-
-    if (!f->drv->co_get_allocated_size) {
+    if (!bs->drv->co_get_allocated_size) {
         return -ENOTSUP;
     }
-    total = f->drv->co_get_allocated_size(f);
-    if (total >= 0 && qcow2_has_data_file(s)) {
-        f = s->data_file->bs;
-        n = f->drv->co_get_allocated_size ? f->drv->co_get_allocated_size(f)
-                                          : -ENOTSUP;
-        total = n < 0 ? n : total + n;
-    }
-    return total;
+    return bs->drv->co_get_allocated_size(bs);
+}
+
+/* The image file; an external data file is shown apart by co_get_info
+ * (as qemu-img info does). */
+static int64_t coroutine_fn qcow2_co_get_allocated_size(BlockDriverState *bs)
+{
+    return allocated_of(bs->file->bs);
 }
 
 /* ---- creation ---- */
@@ -1035,7 +1038,7 @@ static int coroutine_fn qcow2_co_create(BdrvChild *file, int64_t size,
                           " bytes: too large",
                           size);
     }
-    l1_clusters = MAX(DIV_ROUND_UP(l1_size * 8, (uint64_t)cs), 1);
+    l1_clusters = DIV_ROUND_UP(l1_size * 8, (uint64_t)cs);
     nclusters = 3 + l1_clusters;
     buf = bdrv_blockalign(file->bs, nclusters * cs);
     memset(buf, 0, nclusters * cs);
