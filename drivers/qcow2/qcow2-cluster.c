@@ -582,6 +582,29 @@ int coroutine_fn qcow2_co_grow_l1(Qcow2State *s, uint64_t min_size)
 
 /* ---- writes ---- */
 
+/* How far ahead of the allocator the image file is extended. */
+#define QCOW2_PREALLOC_MIN (16 * MiB)
+#define QCOW2_PREALLOC_MAX (256 * MiB)
+
+void coroutine_fn qcow2_co_prealloc_ahead(Qcow2State *s, uint64_t end)
+{
+    int64_t len = bdrv_getlength(s->bs->file->bs);
+    uint64_t chunk, target;
+
+    if (s->no_prealloc || (int64_t)end <= len) {
+        return;
+    }
+    chunk = MIN(MAX((uint64_t)QCOW2_PREALLOC_MIN, (uint64_t)len / 8),
+                (uint64_t)QCOW2_PREALLOC_MAX);
+    target = ALIGN_UP(end + chunk, (uint64_t)s->cluster_size);
+    /* Past the end of a file, write zeroes extends it (fallocate). */
+    if (bdrv_co_pwrite_zeroes(s->bs->file, len, target - len, 0) < 0) {
+        s->no_prealloc = true; /* a block device, or no fallocate */
+        return;
+    }
+    s->preallocated = true;
+}
+
 /* A zero-filled, read-only buffer of the largest cluster size. */
 static void *zero_area;
 static pthread_once_t zero_area_once = PTHREAD_ONCE_INIT;
@@ -970,6 +993,9 @@ static int64_t coroutine_fn write_alloc(Qcow2State *s, uint64_t offset,
         }
     }
     fresh = !same_host && !qcow2_has_data_file(s) && host >= fresh_limit;
+    if (fresh) {
+        qcow2_co_prealloc_ahead(s, host + k * cs);
+    }
 
     old_entries = g_new(uint64_t, k);
     old_bitmaps = g_new(uint64_t, k);

@@ -738,6 +738,12 @@ static void coroutine_fn qcow2_co_close(BlockDriverState *bs)
         if (ret == 0 && s->lazy_refcounts) {
             ret = qcow2_co_update_incompatible(s, 0, QCOW2_INCOMPAT_DIRTY);
         }
+        if (ret == 0 && s->preallocated &&
+            bdrv_getlength(bs->file->bs) > (int64_t)s->fresh_start) {
+            /* Give back the space preallocated and not used. */
+            ret = bdrv_co_truncate(bs->file, s->fresh_start, true, PREALLOC_OFF,
+                                   NULL);
+        }
         if (ret < 0) {
             log_msg(LOG_LEVEL_ERROR, "%s: closing the image: %s", bdrv_name(bs),
                     g_strerror(-ret));

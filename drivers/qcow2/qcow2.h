@@ -250,8 +250,12 @@ typedef struct Qcow2State {
     /* Allocator hint: no free cluster below this index (lock). */
     int64_t free_hint;
     /* Host clusters at or past this offset were never written since the
-     * open (they were past the end of the file), so they read as zeros. */
+     * open (they were past the end of the file), so they read as zeros.
+     * It is also the end of everything allocated (lock). */
     uint64_t fresh_start;
+    /* The image file was extended ahead of the allocator (lock). */
+    bool preallocated;
+    bool no_prealloc;
     /* Cluster index -> Qcow2MetaType of the active metadata. */
     GHashTable *meta;
 
@@ -365,6 +369,11 @@ void qcow2_host_io_begin(Qcow2State *s, Qcow2HostIO *io, uint64_t start,
                          uint64_t len);
 void qcow2_host_io_end(Qcow2State *s, Qcow2HostIO *io);
 bool qcow2_host_io_busy(Qcow2State *s, uint64_t start, uint64_t len);
+
+/* Extend the image file past @end ahead of the allocator: writes into
+ * allocated space within the file's size run in parallel on Linux file
+ * systems, extending writes do not.  Caller holds lock. */
+void coroutine_fn qcow2_co_prealloc_ahead(Qcow2State *s, uint64_t end);
 
 /* ---- qcow2-refcount.c ---- */
 
