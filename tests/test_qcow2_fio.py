@@ -46,3 +46,26 @@ def test_qcow2_fio_verify(imgfs, tmp_path, image_kind, ioengine):
     raw = to_raw(image, tmp_path / "disk0.raw")
     jobs = fio(raw, verify_only=1, ioengine="psync", direct=0, **workload)
     assert bytes_done(jobs, "read") == written
+
+
+def test_concurrent_writes_to_one_cluster(imgfs, tmp_path):
+    """32 writes in flight into the same few fresh clusters: each cluster
+    is allocated once (the others wait for it), no write is lost."""
+    image = create_qcow2(tmp_path / "disk0.qcow2", 64 * MiB)
+    mount = imgfs({"disk0": {"file": image, "format": "qcow2",
+                             "cache": "none"}})
+    workload = dict(name="one-cluster", rw="write", bs="4k", size="1M",
+                    offset="8M", verify="crc32c", verify_fatal=1)
+    jobs = fio(mount.drive(), do_verify=1, ioengine="libaio", direct=1,
+               iodepth=32, **workload)
+    assert bytes_done(jobs, "write") == MiB
+    assert mount.unmount() == 0
+    report = check(image)
+    assert report.get("leaks", 0) == 0, report
+    # 16 data clusters of 64 KiB, each allocated once: after the header,
+    # refcount table and block, L1 and L2 tables nothing else in the file
+    assert report["allocated-clusters"] == 16, report
+    assert report["image-end-offset"] == (5 + 16) * 65536, report
+    raw = to_raw(image, tmp_path / "disk0.raw")
+    jobs = fio(raw, verify_only=1, ioengine="psync", direct=0, **workload)
+    assert bytes_done(jobs, "read") == MiB

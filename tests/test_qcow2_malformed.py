@@ -349,3 +349,40 @@ def test_corrupt_bit_opens_read_only(imgfs, tmp_path):
     assert_good_works(mount)
     assert mount.unmount() == 0
     assert bad.read_bytes() == before
+
+
+def test_overlap_check_refuses_to_reuse_metadata(imgfs, tmp_path):
+    """The refcount of an L2 table wrongly reads 0, so the allocator could
+    hand its cluster out for data: the overlap check catches it, the write
+    fails, the image is marked corrupt, and the table is left intact."""
+    bad = data_image(tmp_path / "bad.qcow2", "cluster_size=4096")
+    h = header_fields(bad)
+    l2 = l1_entry(bad) & 0x00FFFFFFFFFFFE00
+    with open(bad, "rb") as f:
+        f.seek(h["reftable_offset"])
+        block = struct.unpack(">Q", f.read(8))[0]
+        f.seek(l2)
+        table = f.read(4096)
+    patch(bad, block + 2 * (l2 // 4096), struct.pack(">H", 0))
+    mount = imgfs(both(tmp_path, bad))
+    fd = os.open(mount.drive("bad"), os.O_WRONLY)
+    try:
+        with pytest.raises(OSError) as e:
+            # a fresh L2 table's worth away: needs new clusters
+            os.pwrite(fd, b"y" * 4096, 4 * MiB)
+            os.fsync(fd)
+        assert e.value.errno == errno.EIO
+        with pytest.raises(OSError):
+            os.pwrite(fd, b"y" * 4096, 0)  # writes are refused now
+    finally:
+        os.close(fd)
+    assert read_at(mount.drive("bad"), 0, 4096) == b"\x11" * 4096
+    log = mount.stderr()
+    assert "an L2 table has refcount 0" in log, log
+    assert "marking the image corrupt" in log, log
+    assert_good_works(mount)
+    assert mount.unmount() == 0
+    with open(bad, "rb") as f:
+        f.seek(l2)
+        assert f.read(4096) == table
+    assert header_fields(bad)["incompatible"] & 2, "corrupt bit not set"

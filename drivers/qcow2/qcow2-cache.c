@@ -268,6 +268,11 @@ bool qcow2_cache_is_dirty(Qcow2Cache *c, uint64_t offset)
     return e && e->dirty;
 }
 
+uint64_t qcow2_cache_nb_dirty(Qcow2Cache *c)
+{
+    return c->nb_dirty;
+}
+
 void qcow2_cache_clean_unused(Qcow2Cache *c)
 {
     Qcow2CacheEntry *e, *next;

@@ -772,7 +772,12 @@ static int coroutine_fn qcow2_co_flush(BlockDriverState *bs)
     Qcow2State *s = bs->opaque;
 
     if (s->broken) {
-        return -EIO;
+        /* Metadata changes that will never be written: the data they
+         * point to is not safe. */
+        return qcow2_cache_nb_dirty(s->l2_cache) ||
+                       qcow2_cache_nb_dirty(s->rb_cache)
+                   ? -EIO
+                   : 0;
     }
     return qcow2_co_flush_all(s, false);
 }

@@ -455,6 +455,8 @@ void qcow2_cache_mark_dirty(Qcow2Cache *c, Qcow2CacheEntry *e);
 void qcow2_cache_drop(Qcow2Cache *c, uint64_t offset);
 /* Is the table at @offset cached with changes not yet written? */
 bool qcow2_cache_is_dirty(Qcow2Cache *c, uint64_t offset);
+/* How many tables have changes not yet written. */
+uint64_t qcow2_cache_nb_dirty(Qcow2Cache *c);
 /* Drop clean entries not used since the last call. */
 void qcow2_cache_clean_unused(Qcow2Cache *c);
 uint64_t qcow2_cache_max_bytes(Qcow2Cache *c);
