@@ -993,9 +993,6 @@ static int64_t coroutine_fn write_alloc(Qcow2State *s, uint64_t offset,
         }
     }
     fresh = !same_host && !qcow2_has_data_file(s) && host >= fresh_limit;
-    if (fresh) {
-        qcow2_co_prealloc_ahead(s, host + k * cs);
-    }
 
     old_entries = g_new(uint64_t, k);
     old_bitmaps = g_new(uint64_t, k);

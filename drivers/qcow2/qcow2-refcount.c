@@ -440,6 +440,7 @@ static int coroutine_fn grow_reftable(Qcow2State *s, uint64_t need)
         return -ENOSPC;
     }
 
+    qcow2_co_prealloc_ahead(s, (area + total) * cs);
     /* The blocks: each counts the new clusters in its range. */
     for (j = 0; j < nb; j++) {
         uint64_t range = area + j * epb;
@@ -514,6 +515,7 @@ static int coroutine_fn create_refblock(Qcow2State *s, uint64_t block)
     if (off > QCOW2_MAX_HOST_OFFSET - s->cluster_size) {
         return -ENOSPC;
     }
+    qcow2_co_prealloc_ahead(s, off + s->cluster_size);
     ret = write_new_refblock(s, off, 0, 1);
     if (ret == 0) {
         ret = qcow2_co_flush_files(s);
@@ -633,6 +635,7 @@ int coroutine_fn qcow2_co_alloc_clusters(Qcow2State *s, int64_t n,
     }
     s->free_hint = (gap >= 0 && gap < idx) ? gap : idx + n;
     *offset = (uint64_t)idx << s->cluster_bits;
+    qcow2_co_prealloc_ahead(s, *offset + ((uint64_t)n << s->cluster_bits));
     return 0;
 }
 

@@ -370,9 +370,14 @@ void qcow2_host_io_begin(Qcow2State *s, Qcow2HostIO *io, uint64_t start,
 void qcow2_host_io_end(Qcow2State *s, Qcow2HostIO *io);
 bool qcow2_host_io_busy(Qcow2State *s, uint64_t start, uint64_t len);
 
-/* Extend the image file past @end ahead of the allocator: writes into
- * allocated space within the file's size run in parallel on Linux file
- * systems, extending writes do not.  Caller holds lock. */
+/*
+ * Extend the image file past @end ahead of the allocator, so that no
+ * write ever extends it: writes into allocated space within the file's
+ * size run in parallel on Linux file systems (extending ones do not),
+ * and an unaligned write past the end would be padded, then truncated
+ * back by the request path, racing with other writes there.  Caller
+ * holds lock.
+ */
 void coroutine_fn qcow2_co_prealloc_ahead(Qcow2State *s, uint64_t end);
 
 /* ---- qcow2-refcount.c ---- */
