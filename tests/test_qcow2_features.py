@@ -406,3 +406,31 @@ def test_grow_over_longer_backing_reads_zeros(imgfs, tmp_path):
     check(image)
     qemu_io(image, f"read -P 0 {SIZE - 512} {4 * MiB + 512}")
     assert sha256(base) == sha256(tmp_path / "base.raw")
+
+
+def test_qcow2_keys_checked(imgfs_bin, tmp_path):
+    """qcow2.* keys are typed: a bad value, or a key for a drive that is
+    not qcow2, stops the mount with a message naming the key."""
+    import subprocess
+
+    from conftest import write_config
+
+    image = create_qcow2(tmp_path / "disk0.qcow2", SIZE)
+    raw = tmp_path / "disk1.raw"
+    raw.write_bytes(bytes(MiB))
+    cases = [
+        ({"disk0": {"file": image, "qcow2.l2-cache-size": "lots"}},
+         "qcow2.l2-cache-size"),
+        ({"disk0": {"file": raw, "format": "raw",
+                    "qcow2.l2-cache-size": "1M"}},
+         "key 'qcow2.l2-cache-size' does not apply"),
+    ]
+    for i, (drives, message) in enumerate(cases):
+        config = write_config(tmp_path / f"c{i}.ini", drives)
+        mnt = tmp_path / f"m{i}"
+        mnt.mkdir()
+        proc = subprocess.run([str(imgfs_bin), "mount", "-f", str(config),
+                               str(mnt)], capture_output=True, text=True,
+                              timeout=30)
+        assert proc.returncode != 0
+        assert message in proc.stderr, proc.stderr

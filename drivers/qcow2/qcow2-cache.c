@@ -24,7 +24,8 @@
 
 #include "qcow2.h"
 
-/* Copies of L2 tables made per write-back round. */
+/* Copies of L2 tables made per write-back round: a quarter of the L2
+ * cache, at most this. */
 #define QCOW2_WRITEBACK_BATCH_BYTES (4 * MiB)
 
 struct Qcow2Cache {
@@ -106,48 +107,49 @@ static bool cache_evictable(Qcow2CacheEntry *e)
     return e->pins == 0 && !e->dirty && !e->loading;
 }
 
-/* Free one clean, unused entry; false if there is none. */
-static bool cache_evict_one(Qcow2Cache *c)
+/* Drop the least recently used clean, unused entry and hand back its
+ * buffer for reuse; NULL if there is none. */
+static uint8_t *cache_evict_one(Qcow2Cache *c)
 {
     Qcow2CacheEntry *e;
 
     TAILQ_FOREACH(e, &c->lru, lru)
     {
         if (cache_evictable(e)) {
+            uint8_t *data = e->data;
+
+            e->data = NULL;
             cache_remove(c, e);
-            return true;
+            return data;
         }
     }
-    return false;
+    return NULL;
 }
 
 /*
  * Make room for one more entry: evict a clean one, or write dirty ones
- * back first.  If everything is pinned the cache grows past its bound
- * for a moment rather than deadlock.  May yield.
+ * back first; returns the evicted buffer, or NULL.  If everything is
+ * pinned the cache grows past its bound for a moment rather than
+ * deadlock.  May yield.
  */
-static void coroutine_fn cache_make_room(Qcow2Cache *c)
+static uint8_t *coroutine_fn cache_make_room(Qcow2Cache *c)
 {
     Qcow2State *s = c->s;
+    uint8_t *data = cache_evict_one(c);
     int ret;
 
-    if (c->nb_entries < c->max_entries || cache_evict_one(c)) {
-        return;
-    }
-    if (c->nb_dirty == 0) {
-        return;
+    if (data || c->nb_dirty == 0) {
+        return data;
     }
     if (c->type == QCOW2_META_L2) {
         ret = qcow2_co_writeback(s, true, false);
     } else {
         ret = qcow2_co_writeback(s, false, true);
     }
-    if (ret < 0) {
-        return; /* reported by the write-back; stay over the bound */
+    if (ret < 0 || c->nb_entries < c->max_entries) {
+        return NULL; /* write-back failed (reported): over the bound */
     }
-    if (c->nb_entries >= c->max_entries) {
-        cache_evict_one(c);
-    }
+    return cache_evict_one(c);
 }
 
 static int coroutine_fn cache_get(Qcow2Cache *c, uint64_t offset, bool read,
@@ -155,6 +157,7 @@ static int coroutine_fn cache_get(Qcow2Cache *c, uint64_t offset, bool read,
 {
     Qcow2State *s = c->s;
     Qcow2CacheEntry *e;
+    uint8_t *spare = NULL;
     bool made_room = false;
     int ret = 0;
 
@@ -165,6 +168,7 @@ static int coroutine_fn cache_get(Qcow2Cache *c, uint64_t offset, bool read,
                 co_queue_wait(&e->waiters, NULL);
                 continue;
             }
+            bdrv_vfree(spare);
             e->pins++;
             e->used = true;
             TAILQ_REMOVE(&c->lru, e, lru);
@@ -179,7 +183,7 @@ static int coroutine_fn cache_get(Qcow2Cache *c, uint64_t offset, bool read,
         }
         if (!made_room && c->nb_entries >= c->max_entries) {
             /* May yield: someone else may cache @offset meanwhile. */
-            cache_make_room(c);
+            spare = cache_make_room(c);
             made_room = true;
             continue;
         }
@@ -188,7 +192,7 @@ static int coroutine_fn cache_get(Qcow2Cache *c, uint64_t offset, bool read,
 
     e = g_new0(Qcow2CacheEntry, 1);
     e->offset = offset;
-    e->data = bdrv_blockalign(cache_file(c), s->cluster_size);
+    e->data = spare ? spare : bdrv_blockalign(cache_file(c), s->cluster_size);
     e->pins = 1;
     e->used = true;
     co_queue_init(&e->waiters);
@@ -376,7 +380,9 @@ static int coroutine_fn cache_writeback_l2(Qcow2State *s)
 {
     Qcow2Cache *c = s->l2_cache;
     GPtrArray *list = cache_pin_dirty(c);
-    guint batch = QCOW2_WRITEBACK_BATCH_BYTES / s->cluster_size;
+    guint batch = MIN((uint64_t)QCOW2_WRITEBACK_BATCH_BYTES,
+                      c->max_entries * s->cluster_size / 4) /
+                  s->cluster_size;
     uint8_t **bufs;
     uint64_t *gens;
     Qcow2CacheEntry **ents;
