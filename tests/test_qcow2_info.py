@@ -146,6 +146,8 @@ def test_info_matches_qemu_img(tmp_path, case):
     if case == "data-file-raw":
         blocks = (tmp_path / "disk0.data").stat().st_blocks
         assert f"data-file-actual-size: {blocks * 512}" in text
+    if case == "snapshots":
+        assert "snapshot-names: one, two" in text
     if case == "corrupt":
         assert "features: corrupt bit" in text
 

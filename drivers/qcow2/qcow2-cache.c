@@ -265,13 +265,6 @@ void qcow2_cache_drop(Qcow2Cache *c, uint64_t offset)
     }
 }
 
-bool qcow2_cache_is_dirty(Qcow2Cache *c, uint64_t offset)
-{
-    Qcow2CacheEntry *e = g_hash_table_lookup(c->map, &offset);
-
-    return e && e->dirty;
-}
-
 uint64_t qcow2_cache_nb_dirty(Qcow2Cache *c)
 {
     return c->nb_dirty;

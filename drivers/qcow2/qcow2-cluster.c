@@ -32,32 +32,20 @@
 
 static uint64_t l2_get(Qcow2State *s, const uint8_t *table, int64_t i)
 {
-    uint64_t v;
-
-    memcpy(&v, table + i * s->l2_entry_bytes, 8);
-    return be64toh(v);
+    return qcow2_get_be64(table + i * s->l2_entry_bytes);
 }
 
 static uint64_t l2_get_bitmap(Qcow2State *s, const uint8_t *table, int64_t i)
 {
-    uint64_t v;
-
-    if (!s->extended_l2) {
-        return 0;
-    }
-    memcpy(&v, table + i * 16 + 8, 8);
-    return be64toh(v);
+    return s->extended_l2 ? qcow2_get_be64(table + i * 16 + 8) : 0;
 }
 
 static void l2_set(Qcow2State *s, uint8_t *table, int64_t i, uint64_t entry,
                    uint64_t bitmap)
 {
-    uint64_t v = htobe64(entry);
-
-    memcpy(table + i * s->l2_entry_bytes, &v, 8);
+    qcow2_put_be64(table + i * s->l2_entry_bytes, entry);
     if (s->extended_l2) {
-        v = htobe64(bitmap);
-        memcpy(table + i * 16 + 8, &v, 8);
+        qcow2_put_be64(table + i * 16 + 8, bitmap);
     }
 }
 
@@ -72,11 +60,6 @@ static bool entry_has_host(Qcow2State *s, uint64_t entry)
         return true;
     }
     return qcow2_has_data_file(s) && (entry & QCOW2_OFLAG_COPIED);
-}
-
-uint64_t qcow2_entry_host(Qcow2State *s, uint64_t entry)
-{
-    return entry_has_host(s, entry) ? entry & QCOW2_L2E_OFFSET_MASK : 0;
 }
 
 Qcow2SubclusterType qcow2_subcluster_type(Qcow2State *s, uint64_t entry,
@@ -522,8 +505,7 @@ int coroutine_fn qcow2_co_grow_l1(Qcow2State *s, uint64_t min_size)
     uint64_t new_off, old_off = s->l1_offset, old_size = s->l1_size;
     uint64_t *be, *l1;
     uint8_t hdr[12];
-    uint32_t size32;
-    uint64_t off64, i;
+    uint64_t i;
     int ret;
 
     if (min_size <= s->l1_size) {
@@ -553,10 +535,8 @@ int coroutine_fn qcow2_co_grow_l1(Qcow2State *s, uint64_t min_size)
         ret = qcow2_co_flush_files(s);
     }
     if (ret == 0) {
-        size32 = htobe32(min_size);
-        off64 = htobe64(new_off);
-        memcpy(hdr, &size32, 4);
-        memcpy(hdr + 4, &off64, 8);
+        qcow2_put_be32(hdr, min_size);
+        qcow2_put_be64(hdr + 4, new_off);
         ret = qcow2_co_write_header(s, QCOW2_HDR_L1_SIZE, hdr, 12);
     }
     if (ret == 0) {

@@ -25,9 +25,6 @@ uint64_t qcow2_refblock_get(const Qcow2State *s, const void *block,
                             uint64_t index)
 {
     const uint8_t *p = block;
-    uint16_t v16;
-    uint32_t v32;
-    uint64_t v64;
 
     switch (s->refcount_order) {
     case 0:
@@ -40,14 +37,11 @@ uint64_t qcow2_refblock_get(const Qcow2State *s, const void *block,
     case 3:
         return p[index];
     case 4:
-        memcpy(&v16, p + index * 2, 2);
-        return be16toh(v16);
+        return qcow2_get_be16(p + index * 2);
     case 5:
-        memcpy(&v32, p + index * 4, 4);
-        return be32toh(v32);
+        return qcow2_get_be32(p + index * 4);
     default:
-        memcpy(&v64, p + index * 8, 8);
-        return be64toh(v64);
+        return qcow2_get_be64(p + index * 8);
     }
 }
 
@@ -55,9 +49,6 @@ void qcow2_refblock_set(const Qcow2State *s, void *block, uint64_t index,
                         uint64_t value)
 {
     uint8_t *p = block;
-    uint16_t v16;
-    uint32_t v32;
-    uint64_t v64;
 
     switch (s->refcount_order) {
     case 0:
@@ -73,16 +64,13 @@ void qcow2_refblock_set(const Qcow2State *s, void *block, uint64_t index,
         p[index] = value;
         break;
     case 4:
-        v16 = htobe16(value);
-        memcpy(p + index * 2, &v16, 2);
+        qcow2_put_be16(p + index * 2, value);
         break;
     case 5:
-        v32 = htobe32(value);
-        memcpy(p + index * 4, &v32, 4);
+        qcow2_put_be32(p + index * 4, value);
         break;
     default:
-        v64 = htobe64(value);
-        memcpy(p + index * 8, &v64, 8);
+        qcow2_put_be64(p + index * 8, value);
         break;
     }
 }
@@ -259,27 +247,6 @@ static uint64_t refblock_offset(Qcow2State *s, int64_t block)
         return 0;
     }
     return s->reftable[block];
-}
-
-int coroutine_fn qcow2_co_get_refcount(Qcow2State *s, int64_t index,
-                                       uint64_t *refcount)
-{
-    uint64_t off = refblock_offset(s, index >> s->refblock_bits);
-    Qcow2CacheEntry *e;
-    int ret;
-
-    *refcount = 0;
-    if (!off) {
-        return 0;
-    }
-    ret = qcow2_cache_get(s->rb_cache, off, &e);
-    if (ret < 0) {
-        return ret;
-    }
-    *refcount =
-        qcow2_refblock_get(s, e->data, index & (s->refblock_entries - 1));
-    qcow2_cache_put(s->rb_cache, e);
-    return 0;
 }
 
 int coroutine_fn qcow2_co_update_refcount(Qcow2State *s, uint64_t offset,
@@ -467,11 +434,8 @@ static int coroutine_fn grow_reftable(Qcow2State *s, uint64_t need)
         ret = qcow2_co_flush_files(s);
     }
     if (ret == 0) {
-        uint64_t off64 = htobe64((area + nb) * cs);
-        uint32_t k32 = htobe32(k);
-
-        memcpy(hdr, &off64, 8);
-        memcpy(hdr + 8, &k32, 4);
+        qcow2_put_be64(hdr, (area + nb) * cs);
+        qcow2_put_be32(hdr + 8, k);
         ret = qcow2_co_write_header(s, QCOW2_HDR_REFTABLE_OFFSET, hdr, 12);
     }
     if (ret == 0) {
@@ -765,11 +729,9 @@ static int coroutine_fn repair_l2(Repair *r, uint64_t l2_offset)
         return ret;
     }
     for (j = 0; j < s->l2_entries; j++) {
-        uint64_t entry;
+        uint64_t entry = qcow2_get_be64(r->buf + j * s->l2_entry_bytes);
         uint64_t off, bytes;
 
-        memcpy(&entry, r->buf + j * s->l2_entry_bytes, 8);
-        entry = be64toh(entry);
         if (entry & QCOW2_OFLAG_COMPRESSED) {
             qcow2_compressed_range(s, entry, &off, &bytes);
             ret =
@@ -883,14 +845,10 @@ static int coroutine_fn repair_bitmaps(Repair *r)
         if (pos + 24 > s->bitmap_dir_size) {
             break;
         }
-        memcpy(&table_off, dir + pos, 8);
-        memcpy(&table_size, dir + pos + 8, 4);
-        memcpy(&name_size, dir + pos + 18, 2);
-        memcpy(&extra, dir + pos + 20, 4);
-        table_off = be64toh(table_off);
-        table_size = be32toh(table_size);
-        name_size = be16toh(name_size);
-        extra = be32toh(extra);
+        table_off = qcow2_get_be64(dir + pos);
+        table_size = qcow2_get_be32(dir + pos + 8);
+        name_size = qcow2_get_be16(dir + pos + 18);
+        extra = qcow2_get_be32(dir + pos + 20);
         pos += ALIGN_UP(24 + (uint64_t)extra + name_size, 8);
         if (!table_off || table_size > 64 * MiB / 8) {
             continue;
@@ -1018,11 +976,10 @@ static int coroutine_fn repair_copied_flags(Repair *r)
             return ret;
         }
         for (j = 0; j < s->l2_entries; j++) {
-            uint64_t be, entry, host;
+            uint64_t entry = qcow2_get_be64(r->buf + j * s->l2_entry_bytes);
+            uint64_t host;
             bool want;
 
-            memcpy(&be, r->buf + j * s->l2_entry_bytes, 8);
-            entry = be64toh(be);
             if (entry & QCOW2_OFLAG_COMPRESSED) {
                 want = false;
             } else {
@@ -1033,9 +990,8 @@ static int coroutine_fn repair_copied_flags(Repair *r)
                 want = r->refs[qcow2_cluster_index(s, host)] == 1;
             }
             if (want != !!(entry & QCOW2_OFLAG_COPIED)) {
-                entry ^= QCOW2_OFLAG_COPIED;
-                be = htobe64(entry);
-                memcpy(r->buf + j * s->l2_entry_bytes, &be, 8);
+                qcow2_put_be64(r->buf + j * s->l2_entry_bytes,
+                               entry ^ QCOW2_OFLAG_COPIED);
                 changed = true;
             }
         }
@@ -1159,8 +1115,6 @@ int coroutine_fn qcow2_co_repair(Qcow2State *s, GError **errp)
     }
     if (new_table_off) {
         uint64_t *be = bdrv_blockalign(s->bs->file->bs, new_table_k * cs);
-        uint64_t off64 = htobe64(new_table_off);
-        uint32_t k32 = htobe32(new_table_k);
         uint8_t hdr[12];
 
         for (i = 0; i < entries; i++) {
@@ -1174,8 +1128,8 @@ int coroutine_fn qcow2_co_repair(Qcow2State *s, GError **errp)
             ret = qcow2_co_flush_files(s);
         }
         if (ret == 0) {
-            memcpy(hdr, &off64, 8);
-            memcpy(hdr + 8, &k32, 4);
+            qcow2_put_be64(hdr, new_table_off);
+            qcow2_put_be32(hdr + 8, new_table_k);
             ret = qcow2_co_write_header(s, QCOW2_HDR_REFTABLE_OFFSET, hdr, 12);
         }
         if (ret < 0) {

@@ -30,30 +30,6 @@ void qcow2_free_snapshots(Qcow2State *s)
     s->snapshots = NULL;
 }
 
-static uint64_t get_be64(const uint8_t *p)
-{
-    uint64_t v;
-
-    memcpy(&v, p, 8);
-    return be64toh(v);
-}
-
-static uint32_t get_be32(const uint8_t *p)
-{
-    uint32_t v;
-
-    memcpy(&v, p, 4);
-    return be32toh(v);
-}
-
-static uint16_t get_be16(const uint8_t *p)
-{
-    uint16_t v;
-
-    memcpy(&v, p, 2);
-    return be16toh(v);
-}
-
 int coroutine_fn qcow2_co_read_snapshots(Qcow2State *s, GError **errp)
 {
     int64_t file_len = bdrv_getlength(s->bs->file->bs);
@@ -98,13 +74,11 @@ int coroutine_fn qcow2_co_read_snapshots(Qcow2State *s, GError **errp)
                         bdrv_name(s->bs), g_strerror(-ret));
             return ret;
         }
-        sn->l1_offset = get_be64(fixed);
-        sn->l1_size = get_be32(fixed + 8);
-        id_len = get_be16(fixed + 12);
-        name_len = get_be16(fixed + 14);
-        sn->date_sec = get_be32(fixed + 16);
-        sn->vm_state_size = get_be32(fixed + 32);
-        extra = get_be32(fixed + 36);
+        sn->l1_offset = qcow2_get_be64(fixed);
+        sn->l1_size = qcow2_get_be32(fixed + 8);
+        id_len = qcow2_get_be16(fixed + 12);
+        name_len = qcow2_get_be16(fixed + 14);
+        extra = qcow2_get_be32(fixed + 36);
         if (extra > QCOW2_MAX_SNAPSHOT_EXTRA) {
             g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,
                         "'%s': corrupt image: snapshot %u has %u bytes of "
@@ -126,12 +100,6 @@ int coroutine_fn qcow2_co_read_snapshots(Qcow2State *s, GError **errp)
                         "'%s': cannot read the snapshot table: %s",
                         bdrv_name(s->bs), g_strerror(-ret));
             return ret;
-        }
-        if (extra >= 8) {
-            sn->vm_state_size = get_be64(var);
-        }
-        if (extra >= 16) {
-            sn->disk_size = get_be64(var + 8);
         }
         sn->id = g_strndup((char *)var + extra, id_len);
         sn->name = g_strndup((char *)var + extra + id_len, name_len);

@@ -95,43 +95,15 @@ static char *feature_list(Qcow2State *s, int type, uint64_t mask)
     return g_string_free(out, FALSE);
 }
 
-static uint64_t get_be64(const uint8_t *p)
-{
-    uint64_t v;
-
-    memcpy(&v, p, 8);
-    return be64toh(v);
-}
-
-static uint32_t get_be32(const uint8_t *p)
-{
-    uint32_t v;
-
-    memcpy(&v, p, 4);
-    return be32toh(v);
-}
-
-static void put_be64(uint8_t *p, uint64_t v)
-{
-    v = htobe64(v);
-    memcpy(p, &v, 8);
-}
-
-static void put_be32(uint8_t *p, uint32_t v)
-{
-    v = htobe32(v);
-    memcpy(p, &v, 4);
-}
-
 static int qcow2_probe(const uint8_t *buf, size_t len, const char *filename)
 {
     uint32_t version;
 
     (void)filename;
-    if (len < 8 || get_be32(buf) != QCOW2_MAGIC) {
+    if (len < 8 || qcow2_get_be32(buf) != QCOW2_MAGIC) {
         return 0;
     }
-    version = get_be32(buf + 4);
+    version = qcow2_get_be32(buf + 4);
     return (version == 2 || version == 3) ? 100 : 0;
 }
 
@@ -193,7 +165,7 @@ int coroutine_fn qcow2_co_update_incompatible(Qcow2State *s, uint64_t set,
     if (val == s->incompatible || s->version < 3) {
         return 0;
     }
-    put_be64(be, val);
+    qcow2_put_be64(be, val);
     ret = qcow2_co_write_header(s, QCOW2_HDR_INCOMPATIBLE, be, 8);
     if (ret == 0) {
         s->incompatible = val;
@@ -262,8 +234,8 @@ static int parse_extensions(Qcow2State *s, const uint8_t *hdr, uint64_t end,
     uint64_t pos = s->header_length;
 
     while (pos + 8 <= end) {
-        uint32_t type = get_be32(hdr + pos);
-        uint32_t len = get_be32(hdr + pos + 4);
+        uint32_t type = qcow2_get_be32(hdr + pos);
+        uint32_t len = qcow2_get_be32(hdr + pos + 4);
         const uint8_t *data = hdr + pos + 8;
 
         if (type == QCOW2_EXT_END) {
@@ -301,9 +273,9 @@ static int parse_extensions(Qcow2State *s, const uint8_t *hdr, uint64_t end,
         case QCOW2_EXT_BITMAPS:
             if (len >= 24) {
                 s->has_bitmaps = true;
-                s->nb_bitmaps = get_be32(data);
-                s->bitmap_dir_size = get_be64(data + 8);
-                s->bitmap_dir_offset = get_be64(data + 16);
+                s->nb_bitmaps = qcow2_get_be32(data);
+                s->bitmap_dir_size = qcow2_get_be64(data + 8);
+                s->bitmap_dir_offset = qcow2_get_be64(data + 16);
             }
             break;
         default:
@@ -340,13 +312,13 @@ static int coroutine_fn read_header(Qcow2State *s, int flags, GError **errp)
                    bdrv_name(bs), g_strerror(-ret));
         goto out;
     }
-    if (get_be32(hdr) != QCOW2_MAGIC) {
+    if (qcow2_get_be32(hdr) != QCOW2_MAGIC) {
         ret = open_error(errp, EINVAL,
                          "'%s' is not a qcow2 image (bad magic 0x%08x)",
-                         bdrv_name(bs), get_be32(hdr));
+                         bdrv_name(bs), qcow2_get_be32(hdr));
         goto out;
     }
-    s->version = get_be32(hdr + QCOW2_HDR_VERSION);
+    s->version = qcow2_get_be32(hdr + QCOW2_HDR_VERSION);
     if (s->version != 2 && s->version != 3) {
         ret = open_error(errp, ENOTSUP,
                          "'%s': unsupported qcow2 version %d (imgfs reads 2 "
@@ -354,7 +326,7 @@ static int coroutine_fn read_header(Qcow2State *s, int flags, GError **errp)
                          bdrv_name(bs), s->version);
         goto out;
     }
-    s->cluster_bits = get_be32(hdr + QCOW2_HDR_CLUSTER_BITS);
+    s->cluster_bits = qcow2_get_be32(hdr + QCOW2_HDR_CLUSTER_BITS);
     if (s->cluster_bits < QCOW2_MIN_CLUSTER_BITS ||
         s->cluster_bits > QCOW2_MAX_CLUSTER_BITS) {
         ret = open_error(errp, EINVAL,
@@ -377,11 +349,11 @@ static int coroutine_fn read_header(Qcow2State *s, int flags, GError **errp)
         s->header_length = QCOW2_V2_HEADER_LENGTH;
         s->refcount_order = 4;
     } else {
-        s->header_length = get_be32(hdr + QCOW2_HDR_HEADER_LENGTH);
-        s->incompatible = get_be64(hdr + QCOW2_HDR_INCOMPATIBLE);
-        s->compatible = get_be64(hdr + QCOW2_HDR_COMPATIBLE);
-        s->autoclear = get_be64(hdr + QCOW2_HDR_AUTOCLEAR);
-        s->refcount_order = get_be32(hdr + QCOW2_HDR_REFCOUNT_ORDER);
+        s->header_length = qcow2_get_be32(hdr + QCOW2_HDR_HEADER_LENGTH);
+        s->incompatible = qcow2_get_be64(hdr + QCOW2_HDR_INCOMPATIBLE);
+        s->compatible = qcow2_get_be64(hdr + QCOW2_HDR_COMPATIBLE);
+        s->autoclear = qcow2_get_be64(hdr + QCOW2_HDR_AUTOCLEAR);
+        s->refcount_order = qcow2_get_be32(hdr + QCOW2_HDR_REFCOUNT_ORDER);
         if (s->header_length < QCOW2_V3_HEADER_LENGTH || s->header_length % 8 ||
             s->header_length > n) {
             ret = open_error(errp, EINVAL,
@@ -416,7 +388,7 @@ static int coroutine_fn read_header(Qcow2State *s, int flags, GError **errp)
                          bdrv_name(bs), list);
         goto out;
     }
-    crypt = get_be32(hdr + QCOW2_HDR_CRYPT_METHOD);
+    crypt = qcow2_get_be32(hdr + QCOW2_HDR_CRYPT_METHOD);
     if (crypt) {
         ret = open_error(errp, ENOTSUP,
                          "'%s' is encrypted (crypt_method %u): not supported",
@@ -460,13 +432,13 @@ static int coroutine_fn read_header(Qcow2State *s, int flags, GError **errp)
     s->lazy_refcounts =
         s->version >= 3 && (s->compatible & QCOW2_COMPAT_LAZY_REFCOUNTS);
 
-    s->size = get_be64(hdr + QCOW2_HDR_SIZE);
-    s->l1_size = get_be32(hdr + QCOW2_HDR_L1_SIZE);
-    s->l1_offset = get_be64(hdr + QCOW2_HDR_L1_OFFSET);
-    s->reftable_offset = get_be64(hdr + QCOW2_HDR_REFTABLE_OFFSET);
-    s->reftable_clusters = get_be32(hdr + QCOW2_HDR_REFTABLE_CLUSTERS);
-    s->nb_snapshots = get_be32(hdr + QCOW2_HDR_NB_SNAPSHOTS);
-    s->snapshots_offset = get_be64(hdr + QCOW2_HDR_SNAPSHOTS_OFFSET);
+    s->size = qcow2_get_be64(hdr + QCOW2_HDR_SIZE);
+    s->l1_size = qcow2_get_be32(hdr + QCOW2_HDR_L1_SIZE);
+    s->l1_offset = qcow2_get_be64(hdr + QCOW2_HDR_L1_OFFSET);
+    s->reftable_offset = qcow2_get_be64(hdr + QCOW2_HDR_REFTABLE_OFFSET);
+    s->reftable_clusters = qcow2_get_be32(hdr + QCOW2_HDR_REFTABLE_CLUSTERS);
+    s->nb_snapshots = qcow2_get_be32(hdr + QCOW2_HDR_NB_SNAPSHOTS);
+    s->snapshots_offset = qcow2_get_be64(hdr + QCOW2_HDR_SNAPSHOTS_OFFSET);
 
     if (s->size > (UINT64_C(1) << 62)) {
         ret = open_error(errp, EFBIG,
@@ -524,8 +496,8 @@ static int coroutine_fn read_header(Qcow2State *s, int flags, GError **errp)
         goto out;
     }
 
-    backing_offset = get_be64(hdr + QCOW2_HDR_BACKING_OFFSET);
-    backing_size = get_be32(hdr + QCOW2_HDR_BACKING_SIZE);
+    backing_offset = qcow2_get_be64(hdr + QCOW2_HDR_BACKING_OFFSET);
+    backing_size = qcow2_get_be32(hdr + QCOW2_HDR_BACKING_SIZE);
     if (backing_offset) {
         if (backing_size > QCOW2_MAX_BACKING_NAME ||
             backing_offset + backing_size > (uint64_t)n) {
@@ -706,7 +678,7 @@ static int coroutine_fn qcow2_co_open(BlockDriverState *bs, GHashTable *opts,
              * clear them before the first write, as the format says. */
             uint8_t be[8];
 
-            put_be64(be, s->autoclear & keep);
+            qcow2_put_be64(be, s->autoclear & keep);
             ret = qcow2_co_write_header(s, QCOW2_HDR_AUTOCLEAR, be, 8);
             if (ret == 0) {
                 ret = qcow2_co_flush_files(s);
@@ -899,7 +871,7 @@ static int coroutine_fn qcow2_co_truncate(BlockDriverState *bs, int64_t offset,
             }
         }
     }
-    put_be64(be, offset);
+    qcow2_put_be64(be, offset);
     ret = qcow2_co_write_header(s, QCOW2_HDR_SIZE, be, 8);
     if (ret == 0) {
         ret = qcow2_co_flush_files(s);
@@ -971,6 +943,17 @@ static void coroutine_fn qcow2_co_get_info(BlockDriverState *bs,
         }
     }
     image_info_add(spec, "snapshots", "%u", s->nb_snapshots);
+    if (s->nb_snapshots) {
+        GString *names = g_string_new(NULL);
+        uint32_t i;
+
+        for (i = 0; i < s->nb_snapshots; i++) {
+            g_string_append_printf(names, "%s%s", i ? ", " : "",
+                                   s->snapshots[i].name);
+        }
+        image_info_add(spec, "snapshot-names", "%s", names->str);
+        g_string_free(names, TRUE);
+    }
     for (type = 0; type < 3; type++) {
         for (bit = 0; bit < 64; bit++) {
             const char *name;
@@ -1054,16 +1037,16 @@ static int coroutine_fn qcow2_co_create(BdrvChild *file, int64_t size,
     buf = bdrv_blockalign(file->bs, nclusters * cs);
     memset(buf, 0, nclusters * cs);
 
-    put_be32(buf + QCOW2_HDR_MAGIC, QCOW2_MAGIC);
-    put_be32(buf + QCOW2_HDR_VERSION, 3);
-    put_be32(buf + QCOW2_HDR_CLUSTER_BITS, bits);
-    put_be64(buf + QCOW2_HDR_SIZE, size);
-    put_be32(buf + QCOW2_HDR_L1_SIZE, l1_size);
-    put_be64(buf + QCOW2_HDR_L1_OFFSET, 3 * cs);
-    put_be64(buf + QCOW2_HDR_REFTABLE_OFFSET, cs);
-    put_be32(buf + QCOW2_HDR_REFTABLE_CLUSTERS, 1);
-    put_be32(buf + QCOW2_HDR_REFCOUNT_ORDER, 4);
-    put_be32(buf + QCOW2_HDR_HEADER_LENGTH, 112);
+    qcow2_put_be32(buf + QCOW2_HDR_MAGIC, QCOW2_MAGIC);
+    qcow2_put_be32(buf + QCOW2_HDR_VERSION, 3);
+    qcow2_put_be32(buf + QCOW2_HDR_CLUSTER_BITS, bits);
+    qcow2_put_be64(buf + QCOW2_HDR_SIZE, size);
+    qcow2_put_be32(buf + QCOW2_HDR_L1_SIZE, l1_size);
+    qcow2_put_be64(buf + QCOW2_HDR_L1_OFFSET, 3 * cs);
+    qcow2_put_be64(buf + QCOW2_HDR_REFTABLE_OFFSET, cs);
+    qcow2_put_be32(buf + QCOW2_HDR_REFTABLE_CLUSTERS, 1);
+    qcow2_put_be32(buf + QCOW2_HDR_REFCOUNT_ORDER, 4);
+    qcow2_put_be32(buf + QCOW2_HDR_HEADER_LENGTH, 112);
 
     pos = 112;
     if (backing_format && *backing_format) {
@@ -1073,13 +1056,13 @@ static int coroutine_fn qcow2_co_create(BdrvChild *file, int64_t size,
             bdrv_vfree(buf);
             return open_error(errp, EINVAL, "backing format name too long");
         }
-        put_be32(buf + pos, QCOW2_EXT_BACKING_FORMAT);
-        put_be32(buf + pos + 4, flen);
+        qcow2_put_be32(buf + pos, QCOW2_EXT_BACKING_FORMAT);
+        qcow2_put_be32(buf + pos + 4, flen);
         memcpy(buf + pos + 8, backing_format, flen);
         pos += 8 + ALIGN_UP(flen, 8);
     }
-    put_be32(buf + pos, QCOW2_EXT_FEATURE_TABLE);
-    put_be32(buf + pos + 4, ARRAY_SIZE(qcow2_known_features) * 48);
+    qcow2_put_be32(buf + pos, QCOW2_EXT_FEATURE_TABLE);
+    qcow2_put_be32(buf + pos + 4, ARRAY_SIZE(qcow2_known_features) * 48);
     pos += 8;
     for (i = 0; i < ARRAY_SIZE(qcow2_known_features); i++) {
         buf[pos] = qcow2_known_features[i].type;
@@ -1089,16 +1072,14 @@ static int coroutine_fn qcow2_co_create(BdrvChild *file, int64_t size,
     }
     pos += 8; /* end of extensions */
     if (blen) {
-        put_be64(buf + QCOW2_HDR_BACKING_OFFSET, pos);
-        put_be32(buf + QCOW2_HDR_BACKING_SIZE, blen);
+        qcow2_put_be64(buf + QCOW2_HDR_BACKING_OFFSET, pos);
+        qcow2_put_be32(buf + QCOW2_HDR_BACKING_SIZE, blen);
         memcpy(buf + pos, backing_file, blen);
     }
 
-    put_be64(buf + cs, 2 * cs); /* refcount table: one block */
+    qcow2_put_be64(buf + cs, 2 * cs); /* refcount table: one block */
     for (i = 0; i < nclusters; i++) {
-        uint16_t one = htobe16(1);
-
-        memcpy(buf + 2 * cs + i * 2, &one, 2);
+        qcow2_put_be16(buf + 2 * cs + i * 2, 1);
     }
     ret = bdrv_co_pwrite(file, 0, nclusters * cs, buf, 0);
     bdrv_vfree(buf);

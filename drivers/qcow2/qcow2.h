@@ -32,8 +32,10 @@
 #ifndef DRIVERS_QCOW2_QCOW2_H
 #define DRIVERS_QCOW2_QCOW2_H
 
+#include <endian.h>
 #include <stdbool.h>
 #include <stdint.h>
+#include <string.h>
 #include <sys/queue.h>
 
 #include "blockcore/driver.h"
@@ -143,9 +145,6 @@ typedef struct Qcow2Snapshot {
     uint32_t l1_size;
     char *id;
     char *name;
-    uint64_t vm_state_size;
-    uint64_t disk_size;
-    uint32_t date_sec;
 } Qcow2Snapshot;
 
 typedef struct Qcow2Feature {
@@ -266,6 +265,49 @@ typedef struct Qcow2State {
     AioTimer *clean_timer;
 } Qcow2State;
 
+/* Big-endian fields at any byte address. */
+static inline uint64_t qcow2_get_be64(const void *p)
+{
+    uint64_t v;
+
+    memcpy(&v, p, 8);
+    return be64toh(v);
+}
+
+static inline uint32_t qcow2_get_be32(const void *p)
+{
+    uint32_t v;
+
+    memcpy(&v, p, 4);
+    return be32toh(v);
+}
+
+static inline uint16_t qcow2_get_be16(const void *p)
+{
+    uint16_t v;
+
+    memcpy(&v, p, 2);
+    return be16toh(v);
+}
+
+static inline void qcow2_put_be64(void *p, uint64_t v)
+{
+    v = htobe64(v);
+    memcpy(p, &v, 8);
+}
+
+static inline void qcow2_put_be16(void *p, uint16_t v)
+{
+    v = htobe16(v);
+    memcpy(p, &v, 2);
+}
+
+static inline void qcow2_put_be32(void *p, uint32_t v)
+{
+    v = htobe32(v);
+    memcpy(p, &v, 4);
+}
+
 static inline uint64_t qcow2_offset_into_cluster(const Qcow2State *s,
                                                  uint64_t offset)
 {
@@ -362,8 +404,6 @@ int qcow2_check_l2_offset(Qcow2State *s, uint32_t index, uint64_t l2_offset);
 Qcow2SubclusterType qcow2_subcluster_type(Qcow2State *s, uint64_t entry,
                                           uint64_t bitmap, unsigned sc,
                                           unsigned *run);
-/* The host offset an L2 entry reserves (0: none). */
-uint64_t qcow2_entry_host(Qcow2State *s, uint64_t entry);
 /* In-flight data I/O on host clusters (see the thread model). */
 void qcow2_host_io_begin(Qcow2State *s, Qcow2HostIO *io, uint64_t start,
                          uint64_t len);
@@ -382,9 +422,6 @@ void coroutine_fn qcow2_co_prealloc_ahead(Qcow2State *s, uint64_t end);
 
 /* ---- qcow2-refcount.c ---- */
 
-/* The refcount of cluster @index.  Caller holds lock (or is opening). */
-int coroutine_fn qcow2_co_get_refcount(Qcow2State *s, int64_t index,
-                                       uint64_t *refcount);
 /* Add @addend to the refcount of every cluster of [@offset, +@bytes).
  * Caller holds lock. */
 int coroutine_fn qcow2_co_update_refcount(Qcow2State *s, uint64_t offset,
@@ -458,8 +495,6 @@ void qcow2_cache_put(Qcow2Cache *c, Qcow2CacheEntry *e);
 void qcow2_cache_mark_dirty(Qcow2Cache *c, Qcow2CacheEntry *e);
 /* Forget the table at @offset (its cluster was freed), dirty or not. */
 void qcow2_cache_drop(Qcow2Cache *c, uint64_t offset);
-/* Is the table at @offset cached with changes not yet written? */
-bool qcow2_cache_is_dirty(Qcow2Cache *c, uint64_t offset);
 /* How many tables have changes not yet written. */
 uint64_t qcow2_cache_nb_dirty(Qcow2Cache *c);
 /* Drop clean entries not used since the last call. */
