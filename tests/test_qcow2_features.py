@@ -434,3 +434,41 @@ def test_qcow2_keys_checked(imgfs_bin, tmp_path):
                               timeout=30)
         assert proc.returncode != 0
         assert message in proc.stderr, proc.stderr
+
+
+def test_refcount_structure_grows(imgfs, tmp_path):
+    """512-byte clusters with 64-bit refcounts: a refcount block covers
+    32 KiB and the first refcount table 2 MiB, so a few MiB of writes make
+    imgfs create refcount blocks and move to bigger refcount tables; and
+    growing the drive to 1 GiB needs a 256 KiB L1 table, more contiguous
+    clusters than fit between two refcount blocks.  QEMU must agree with
+    the result."""
+    image = create_qcow2(tmp_path / "disk0.qcow2", 64 * MiB,
+                         "cluster_size=512,refcount_bits=64")
+    before = header_fields(image)
+    model = Model(bytes(64 * MiB))
+    mount = imgfs(drive(image))
+    fd = os.open(mount.drive(), os.O_RDWR)
+    try:
+        for i in range(4):
+            data = os.urandom(MiB)
+            offset = (i * 5 + 1) * MiB + i * 4096 + 512
+            os.pwrite(fd, data, offset)
+            model.write(offset, data)
+        os.ftruncate(fd, 1024 * MiB)
+        model.resize(1024 * MiB)
+        data = os.urandom(100000)
+        os.pwrite(fd, data, 900 * MiB + 1234)
+        model.write(900 * MiB + 1234, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert_drive_matches(mount.drive(), model, "after growth")
+    assert mount.unmount() == 0
+    after = header_fields(image)
+    assert after["reftable_clusters"] > before["reftable_clusters"]
+    assert after["reftable_offset"] != before["reftable_offset"]
+    assert after["l1_size"] == 32768
+    report = check(image)
+    assert report.get("leaks", 0) == 0, report
+    compare(model.save(tmp_path / "expected.raw"), image)

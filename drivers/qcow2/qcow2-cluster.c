@@ -945,7 +945,8 @@ static int64_t coroutine_fn write_alloc(Qcow2State *s, uint64_t offset,
     same_host = kind == CL_REUSE;
 
     /* Following clusters that are written whole and need the same. */
-    for (k = 1; c_start + k * cs < end; k++) {
+    for (k = 1; c_start + k * cs < end && k < qcow2_max_alloc_clusters(s);
+         k++) {
         uint64_t g = c_start + k * cs;
         ClusterKind k2;
 

@@ -562,12 +562,75 @@ static int coroutine_fn find_free(Qcow2State *s, int64_t n, int64_t *found,
     return ret;
 }
 
+/*
+ * @n contiguous clusters, too many to fit beside the refcount blocks that
+ * sit at the start of every refcount range: placed at the start of the
+ * first range past everything allocated, followed by new refcount blocks
+ * that count them and themselves.  Caller holds lock.
+ */
+static int coroutine_fn alloc_large(Qcow2State *s, uint64_t n, uint64_t *offset)
+{
+    uint64_t epb = s->refblock_entries, cs = s->cluster_size;
+    uint64_t area, first, nb, total, j;
+    int ret;
+
+    for (;;) {
+        area = ALIGN_UP(DIV_ROUND_UP(s->fresh_start, cs), epb);
+        for (nb = 1; DIV_ROUND_UP(n + nb, epb) != nb;) {
+            nb = DIV_ROUND_UP(n + nb, epb);
+        }
+        first = area / epb;
+        if (first + nb <= s->reftable_entries) {
+            break;
+        }
+        ret = grow_reftable(s, first + nb - 1); /* moves fresh_start */
+        if (ret < 0) {
+            return ret;
+        }
+    }
+    total = n + nb;
+    if (area + total > (QCOW2_MAX_HOST_OFFSET >> s->cluster_bits)) {
+        return -ENOSPC;
+    }
+    for (j = 0; j < nb; j++) {
+        if (s->reftable[first + j]) {
+            return qcow2_signal_corruption(
+                s, true, s->reftable[first + j],
+                "refcount block for clusters past the end of the image");
+        }
+    }
+    qcow2_co_prealloc_ahead(s, (area + total) * cs);
+    for (j = 0; j < nb; j++) {
+        uint64_t range = area + j * epb;
+
+        ret = write_new_refblock(s, (area + n + j) * cs, 0,
+                                 MIN(epb, area + total - range));
+        if (ret < 0) {
+            return ret;
+        }
+    }
+    ret = qcow2_co_flush_files(s);
+    for (j = 0; ret == 0 && j < nb; j++) {
+        s->reftable[first + j] = (area + n + j) * cs;
+        ret = write_reftable_entry(s, first + j);
+    }
+    if (ret < 0) {
+        return ret;
+    }
+    s->fresh_start = (area + total) * cs;
+    *offset = area * cs;
+    return 0;
+}
+
 int coroutine_fn qcow2_co_alloc_clusters(Qcow2State *s, int64_t n,
                                          uint64_t *offset)
 {
     int64_t idx, gap;
     int ret;
 
+    if (n > qcow2_max_alloc_clusters(s)) {
+        return alloc_large(s, n, offset);
+    }
     for (;;) {
         uint64_t b, first_block, last_block;
         bool created = false;

@@ -426,6 +426,12 @@ void coroutine_fn qcow2_co_prealloc_ahead(Qcow2State *s, uint64_t end);
  * Caller holds lock. */
 int coroutine_fn qcow2_co_update_refcount(Qcow2State *s, uint64_t offset,
                                           uint64_t bytes, int64_t addend);
+/* The most clusters the allocator hands out in one run from free space
+ * (larger requests go past the end of the image). */
+static inline int64_t qcow2_max_alloc_clusters(const Qcow2State *s)
+{
+    return s->refblock_entries / 2;
+}
 /* Allocate @n contiguous clusters (refcount 1); *@offset: the first.
  * Caller holds lock. */
 int coroutine_fn qcow2_co_alloc_clusters(Qcow2State *s, int64_t n,
