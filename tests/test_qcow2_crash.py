@@ -1,6 +1,7 @@
 """Crash safety: imgfs is killed with SIGKILL at random moments while
 writer threads do random writes, hole punches and fsyncs on a qcow2
-drive, many times over on the same image.  After every kill
+drive, many times over on the same image (64 KiB, 4 KiB and, with
+O_DIRECT, 512-byte clusters).  After every kill
 
   - `qemu-img check` finds no corruption (leaked clusters are allowed:
     a crash may leave some), and
@@ -32,8 +33,9 @@ from qcow2util import check, create_qcow2, killable_mount, sigkill, to_raw
 
 SIZE = 64 * MiB
 BLOCK = 4096
+SECTOR = 512
 THREADS = 4
-ROUNDS = 25
+ROUNDS = 20
 ZERO = b"\0" * BLOCK
 
 
@@ -96,7 +98,11 @@ class Writer(threading.Thread):
 
 
 def verify(raw, history, acked):
-    """Every acknowledged block holds its acked content or a later one."""
+    """Every sector of an acknowledged block holds what the acknowledged
+    operation put there, or what a later one did.  (Sectors, not blocks:
+    an operation the crash interrupted may have reached only some of a
+    block's sectors -- with 512-byte clusters a block spans eight -- as
+    on any disk.)"""
     with open(raw, "rb") as f:
         data = f.read()
     bad = []
@@ -106,17 +112,25 @@ def verify(raw, history, acked):
         allowed = [ZERO if d is None else d for _, d in ops[max(low, 0):]]
         if low < 0:
             allowed.append(ZERO)
-        if got not in allowed:
-            bad.append(b)
+        if got in allowed:
+            continue
+        for sec in range(0, BLOCK, SECTOR):
+            if not any(got[sec:sec + SECTOR] == a[sec:sec + SECTOR]
+                       for a in allowed):
+                bad.append(b)
+                break
     assert not bad, (f"{len(bad)} acknowledged blocks lost, e.g. block "
                      f"{bad[0]} (acked op {acked.get(bad[0])} of "
                      f"{len(history[bad[0]])})")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("opts", ["cluster_size=65536",
-                                  "cluster_size=4096,refcount_bits=1"])
-def test_sigkill_during_writes(imgfs_bin, tmp_path, opts):
+@pytest.mark.parametrize("opts,cache", [
+    ("cluster_size=65536", "writeback"),
+    ("cluster_size=4096,refcount_bits=1", "writeback"),
+    ("cluster_size=512,extended_l2=off", "none"),
+])
+def test_sigkill_during_writes(imgfs_bin, tmp_path, opts, cache):
     image = create_qcow2(tmp_path / "disk0.qcow2", SIZE, opts)
     rng = random.Random(opts)
     history = {}
@@ -124,7 +138,8 @@ def test_sigkill_during_writes(imgfs_bin, tmp_path, opts):
     blocks = SIZE // BLOCK
     per = blocks // THREADS
     for rnd in range(ROUNDS):
-        drives = {"disk0": {"file": image, "format": "qcow2"}}
+        drives = {"disk0": {"file": image, "format": "qcow2",
+                            "cache": cache}}
         with killable_mount(imgfs_bin, tmp_path, drives,
                             name=f"round{rnd}") as mount:
             writers = [Writer(mount.drive(), t * per, per,
