@@ -472,3 +472,31 @@ def test_refcount_structure_grows(imgfs, tmp_path):
     report = check(image)
     assert report.get("leaks", 0) == 0, report
     compare(model.save(tmp_path / "expected.raw"), image)
+
+
+def test_seek_data_and_holes(imgfs, tmp_path):
+    """lseek(SEEK_DATA/SEEK_HOLE) on the drive follows the qcow2 mapping
+    through the backing chain: zero clusters and unallocated space with
+    nothing below are holes; backing data is data."""
+    base = create_qcow2(tmp_path / "base.qcow2", SIZE)
+    qemu_io(base, "write -P 0x71 6M 1M")
+    image = create_qcow2(tmp_path / "disk0.qcow2", SIZE, backing="base.qcow2",
+                         backing_fmt="qcow2")
+    qemu_io(image, "write -P 0x72 1M 1M", "write -z 6M 512k",
+            "write -P 0x73 10M 64k")
+    mount = imgfs(drive(image))
+    fd = os.open(mount.drive(), os.O_RDONLY)
+    try:
+        seek = lambda off, how: os.lseek(fd, off, how)
+        assert seek(0, os.SEEK_DATA) == 1 * MiB
+        assert seek(1 * MiB, os.SEEK_HOLE) == 2 * MiB
+        assert seek(2 * MiB, os.SEEK_DATA) == 6 * MiB + 512 * KiB  # backing
+        assert seek(6 * MiB + 512 * KiB, os.SEEK_HOLE) == 7 * MiB
+        assert seek(7 * MiB, os.SEEK_DATA) == 10 * MiB
+        assert seek(10 * MiB, os.SEEK_HOLE) == 10 * MiB + 64 * KiB
+        with pytest.raises(OSError) as e:
+            seek(11 * MiB, os.SEEK_DATA)
+        assert e.value.errno == errno.ENXIO
+    finally:
+        os.close(fd)
+    assert mount.unmount() == 0
