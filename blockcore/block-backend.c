@@ -223,6 +223,12 @@ bool blk_options_check(const BlockBackendOptions *co, GError **errp)
         opt_parse_bool(v, &b) == 0) {
         o->write_cache = b;
     }
+    if (o->aio == BLOCK_AIO_NATIVE && !o->cache_direct) {
+        g_set_error(errp, G_KEY_FILE_ERROR, G_KEY_FILE_ERROR_INVALID_VALUE,
+                    "key 'aio': native needs the image opened with O_DIRECT "
+                    "(cache = none or directsync, or cache.direct = on)");
+        return false;
+    }
     return true;
 }
 
