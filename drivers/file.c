@@ -198,6 +198,115 @@ static void file_probe_dio_alignment(FileState *s)
 #endif
 }
 
+/*
+ * Image locking, compatible with QEMU's: a process holding permission P
+ * on an image takes a shared OFD lock on byte 100 + P; one that does not
+ * let others have P locks byte 200 + P.  Before using an image we check
+ * that nobody refuses what we take (200 + P) and nobody holds what we
+ * refuse (100 + P).  imgfs never shares "write" or "resize": a running
+ * QEMU and imgfs (or two imgfs) can never both write one image.
+ */
+enum {
+    LOCK_PERM_BASE = 100,
+    LOCK_SHARED_BASE = 200,
+};
+enum {
+    PERM_CONSISTENT_READ = 0,
+    PERM_WRITE = 1,
+    PERM_WRITE_UNCHANGED = 2,
+    PERM_RESIZE = 3,
+    PERM_COUNT = 4,
+};
+static const char *const perm_names[PERM_COUNT] = {
+    "consistent read",
+    "write",
+    "write unchanged",
+    "resize",
+};
+
+static int file_lock_byte(int fd, off_t off)
+{
+    struct flock fl = {
+        .l_type = F_RDLCK,
+        .l_whence = SEEK_SET,
+        .l_start = off,
+        .l_len = 1,
+    };
+
+    return fcntl(fd, F_OFD_SETLK, &fl) < 0 ? -errno : 0;
+}
+
+/* Does another open file hold a lock on byte @off? */
+static int file_byte_locked(int fd, off_t off, bool *locked)
+{
+    struct flock fl = {
+        .l_type = F_WRLCK,
+        .l_whence = SEEK_SET,
+        .l_start = off,
+        .l_len = 1,
+    };
+
+    if (fcntl(fd, F_OFD_GETLK, &fl) < 0) {
+        return -errno;
+    }
+    *locked = fl.l_type != F_UNLCK;
+    return 0;
+}
+
+static int file_lock_image(FileState *s, const char *filename, int flags,
+                           GError **errp)
+{
+    unsigned perm = 1u << PERM_CONSISTENT_READ;
+    unsigned unshared = (1u << PERM_WRITE) | (1u << PERM_RESIZE);
+    int i, ret = 0;
+    bool locked;
+
+    if ((flags & BDRV_O_NO_LOCK) || (flags & BDRV_O_FORCE_SHARE)) {
+        return 0;
+    }
+    if (flags & BDRV_O_RDWR) {
+        perm |= (1u << PERM_WRITE) | (1u << PERM_RESIZE);
+    }
+    for (i = 0; i < PERM_COUNT && ret == 0; i++) {
+        if (perm & (1u << i)) {
+            ret = file_lock_byte(s->fd, LOCK_PERM_BASE + i);
+        }
+        if (ret == 0 && (unshared & (1u << i))) {
+            ret = file_lock_byte(s->fd, LOCK_SHARED_BASE + i);
+        }
+    }
+    if (ret < 0) {
+        if (flags & BDRV_O_LOCK_STRICT) {
+            g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(-ret),
+                        "cannot lock '%s' (locking = on): %s", filename,
+                        g_strerror(-ret));
+            return ret;
+        }
+        return 0; /* locking = auto: the file system cannot lock */
+    }
+    for (i = 0; i < PERM_COUNT; i++) {
+        if ((perm & (1u << i)) &&
+            file_byte_locked(s->fd, LOCK_SHARED_BASE + i, &locked) == 0 &&
+            locked) {
+            g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_PERM,
+                        "image '%s' is in use: another process does not "
+                        "share its '%s' permission (locking)",
+                        filename, perm_names[i]);
+            return -EBUSY;
+        }
+        if ((unshared & (1u << i)) &&
+            file_byte_locked(s->fd, LOCK_PERM_BASE + i, &locked) == 0 &&
+            locked) {
+            g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_PERM,
+                        "image '%s' is in use: another process holds it "
+                        "with '%s' permission (locking)",
+                        filename, perm_names[i]);
+            return -EBUSY;
+        }
+    }
+    return 0;
+}
+
 static int coroutine_fn file_co_open(BlockDriverState *bs, GHashTable *opts,
                                      int flags, GError **errp)
 {
@@ -264,6 +373,10 @@ static int coroutine_fn file_co_open(BlockDriverState *bs, GHashTable *opts,
         return (int)len;
     }
     bs->total_bytes = len;
+    if (file_lock_image(s, filename, flags, errp) < 0) {
+        close(s->fd);
+        return -EBUSY;
+    }
     if (flags & BDRV_O_NOCACHE) {
         file_probe_dio_alignment(s);
     }

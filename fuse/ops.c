@@ -250,13 +250,13 @@ static void ifs_op_open(fuse_req_t req, fuse_ino_t ino,
         fuse_reply_err(req, EISDIR);
         return;
     }
-    d = ifs_find_drive_ino(m, ino);
+    d = ifs_open_drive_ino(m, ino);
     if (!d) {
         fuse_reply_err(req, ENOENT);
         return;
     }
     if ((fi->flags & O_ACCMODE) != O_RDONLY && d->read_only) {
-        ifs_drive_unref(d);
+        ifs_release_drive(d);
         fuse_reply_err(req, EROFS);
         return;
     }
@@ -264,7 +264,7 @@ static void ifs_op_open(fuse_req_t req, fuse_ino_t ino,
     fi->keep_cache = 0;
     if (fuse_reply_open(req, fi) == -ENOENT) {
         /* The opener was interrupted: no release will come. */
-        ifs_drive_unref(d);
+        ifs_release_drive(d);
     }
 }
 
@@ -272,7 +272,7 @@ static void ifs_op_release(fuse_req_t req, fuse_ino_t ino,
                            struct fuse_file_info *fi)
 {
     (void)ino;
-    ifs_drive_unref((IfsDrive *)(uintptr_t)fi->fh);
+    ifs_release_drive((IfsDrive *)(uintptr_t)fi->fh);
     fuse_reply_err(req, 0);
 }
 
@@ -729,6 +729,43 @@ static void ifs_op_statfs(fuse_req_t req, fuse_ino_t ino)
     fuse_reply_statfs(req, &sv);
 }
 
+/* The root answers "user.imgfs.control": where the control socket is. */
+static void ifs_op_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name,
+                            size_t size)
+{
+    IfsMount *m = ifs_mount_of(req);
+    size_t len;
+
+    if (ino != IFS_ROOT_INO || strcmp(name, IFS_CONTROL_XATTR) ||
+        !m->control_path) {
+        fuse_reply_err(req, ENODATA);
+        return;
+    }
+    len = strlen(m->control_path);
+    if (size == 0) {
+        fuse_reply_xattr(req, len);
+    } else if (size < len) {
+        fuse_reply_err(req, ERANGE);
+    } else {
+        fuse_reply_buf(req, m->control_path, len);
+    }
+}
+
+static void ifs_op_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size)
+{
+    static const char names[] = IFS_CONTROL_XATTR;
+
+    if (ino != IFS_ROOT_INO) {
+        fuse_reply_buf(req, NULL, 0);
+    } else if (size == 0) {
+        fuse_reply_xattr(req, sizeof(names));
+    } else if (size < sizeof(names)) {
+        fuse_reply_err(req, ERANGE);
+    } else {
+        fuse_reply_buf(req, names, sizeof(names));
+    }
+}
+
 /* The directory is the config file's: no new files here. */
 static void ifs_op_mknod(fuse_req_t req, fuse_ino_t parent, const char *name,
                          mode_t mode, dev_t rdev)
@@ -800,4 +837,6 @@ const struct fuse_lowlevel_ops ifs_ops = {
     .rmdir = ifs_op_unlink,
     .rename = ifs_op_rename,
     .create = ifs_op_create,
+    .getxattr = ifs_op_getxattr,
+    .listxattr = ifs_op_listxattr,
 };
