@@ -58,6 +58,10 @@ void aio_set_fd_handler(AioContext *ctx, int fd, IOHandler *io_read,
  */
 bool aio_poll(AioContext *ctx, bool blocking);
 
+/* Spin up to @max_ns for events before sleeping (0: never).  Owner
+ * thread or before the context runs. */
+void aio_context_set_poll_max_ns(AioContext *ctx, int64_t max_ns);
+
 /* Wake a context sleeping in aio_poll().  Any thread. */
 void aio_notify(AioContext *ctx);
 

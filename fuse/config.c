@@ -17,6 +17,7 @@
 
 #define IFS_GLOBAL_GROUP "imgfs"
 #define IFS_MAX_IOTHREADS 64
+#define IFS_DEFAULT_POLL_MAX_NS 32000
 
 typedef struct ConfigLines {
     GHashTable *group_line; /* group -> line of its header */
@@ -194,6 +195,17 @@ static bool config_load_global(IfsConfig *cfg, GKeyFile *kf, ConfigLines *cl,
                 return false;
             }
             cfg->iothreads = n;
+        } else if (!strcmp(keys[i], "poll-max-ns")) {
+            uint64_t n;
+
+            if (opt_parse_number(v, &n) < 0 || n > 1000000) {
+                config_error(errp, cfg->path, line,
+                             "[imgfs]: key 'poll-max-ns': invalid value '%s' "
+                             "(use 0 to 1000000 nanoseconds)",
+                             v);
+                return false;
+            }
+            cfg->poll_max_ns = n;
         } else if (!strcmp(keys[i], "control")) {
             if (!*v) {
                 config_error(errp, cfg->path, line,
@@ -364,6 +376,7 @@ IfsConfig *ifs_config_load(const char *path, GError **errp)
     cfg->path = g_strdup(path);
     cfg->drives = g_ptr_array_new_with_free_func(drive_config_free);
     cfg->iothreads = 0;
+    cfg->poll_max_ns = IFS_DEFAULT_POLL_MAX_NS;
 
     if (access(path, R_OK) < 0) {
         int err = errno;

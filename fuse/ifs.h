@@ -36,9 +36,10 @@ typedef struct IfsConfig {
     char *abs_path; /* absolute, for reloads after the daemon detached */
     char *dir;      /* absolute directory of the config file */
     unsigned iothreads;
-    char *control;     /* control socket path, NULL: the default */
-    bool format_help;  /* some drive says "format = help" */
-    GPtrArray *drives; /* IfsDriveConfig *, in file order */
+    int64_t poll_max_ns; /* iothreads' busy polling window */
+    char *control;       /* control socket path, NULL: the default */
+    bool format_help;    /* some drive says "format = help" */
+    GPtrArray *drives;   /* IfsDriveConfig *, in file order */
 } IfsConfig;
 
 /*

@@ -636,6 +636,7 @@ bool ifs_mount_reload(IfsMount *m, GString *report, GError **errp)
         return false;
     }
     if (cfg->format_help || cfg->iothreads != m->cfg->iothreads ||
+        cfg->poll_max_ns != m->cfg->poll_max_ns ||
         g_strcmp0(cfg->control, m->cfg->control)) {
         g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,
                     "reload: nothing changed: %s cannot change while mounted",
@@ -915,6 +916,8 @@ int ifs_mount_main(IfsConfig *cfg, const char *mountpoint, bool foreground,
             g_error_free(err);
             goto out_shutdown;
         }
+        aio_context_set_poll_max_ns(iothread_get_ctx(m->threads[i]),
+                                    cfg->poll_max_ns);
     }
     if (!ifs_open_drives(m)) {
         goto out_shutdown;
