@@ -105,9 +105,9 @@ static int coroutine_fn raw_co_preadv(BlockDriverState *bs, int64_t offset,
  * @qiov, probe as another format?  Reads the current sector to fill in
  * what the write does not cover.
  */
-static int coroutine_fn raw_check_sector0(BlockDriverState *bs,
-                                          int64_t offset, int64_t bytes,
-                                          IOVector *qiov, size_t qoff)
+static int coroutine_fn raw_check_sector0(BlockDriverState *bs, int64_t offset,
+                                          int64_t bytes, IOVector *qiov,
+                                          size_t qoff)
 {
     RawState *s = bs->opaque;
     uint8_t *buf = g_malloc0(RAW_SECTOR);
@@ -138,8 +138,8 @@ static int coroutine_fn raw_co_pwritev(BlockDriverState *bs, int64_t offset,
     int ret;
 
     if (!s->probed || offset >= RAW_SECTOR || s->offset != 0) {
-        return bdrv_co_pwritev(bs->file, offset + s->offset, bytes, qiov,
-                               qoff, flags);
+        return bdrv_co_pwritev(bs->file, offset + s->offset, bytes, qiov, qoff,
+                               flags);
     }
     co_mutex_lock(&s->sector0_lock);
     ret = raw_check_sector0(bs, offset, bytes, qiov, qoff);

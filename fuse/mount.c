@@ -467,6 +467,10 @@ static struct fuse_session *ifs_session_new(IfsMount *m, GError **errp)
     args.argv = (char **)argv->pdata;
     args.allocated = 0;
     se = fuse_session_new(&args, &ifs_ops, sizeof(ifs_ops), m);
+    if (args.allocated) {
+        /* libfuse rewrote the argument vector: its copy is ours to free */
+        fuse_opt_free_args(&args);
+    }
     if (!se) {
         g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,
                     "invalid FUSE options (-o)");
