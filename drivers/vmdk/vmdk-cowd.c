@@ -75,13 +75,11 @@ int coroutine_fn vmdk_cowd_co_open(BlockDriverState *bs, VmdkExtent *e,
                         sp->gd_entries, sp->capacity);
         return -EINVAL;
     }
-    if (gd == 0 ||
-        (int64_t)gd * VMDK_SECTOR + (int64_t)sp->gd_entries * 4 >
-            sp->file_len) {
-        vmdk_open_error(errp, e,
-                        "grain directory at sector %" PRIu32
-                        " is outside the file",
-                        gd);
+    if (gd == 0 || (int64_t)gd * VMDK_SECTOR + (int64_t)sp->gd_entries * 4 >
+                       sp->file_len) {
+        vmdk_open_error(
+            errp, e,
+            "grain directory at sector %" PRIu32 " is outside the file", gd);
         return -EINVAL;
     }
     sp->gd_offset = (int64_t)gd * VMDK_SECTOR;

@@ -138,8 +138,7 @@ static bool vmdk_gd_entry_ok(VmdkSparse *sp, uint32_t v)
 }
 
 /* Read a directory of sp->gd_entries entries at @off into host order. */
-static int coroutine_fn vmdk_read_gd(VmdkExtent *e, int64_t off,
-                                     uint32_t **out)
+static int coroutine_fn vmdk_read_gd(VmdkExtent *e, int64_t off, uint32_t **out)
 {
     VmdkSparse *sp = e->sp;
     uint32_t *gd = g_try_new(uint32_t, sp->gd_entries ? sp->gd_entries : 1);
@@ -202,8 +201,8 @@ int coroutine_fn vmdk_sparse_co_load_gd(BlockDriverState *bs, VmdkExtent *e,
     if (bad_gd != UINT32_MAX) {
         if (!sp->rgd || bad_rgd != UINT32_MAX) {
             vmdk_open_error(errp, e,
-                            "grain directory entry %" PRIu32
-                            " (0x%" PRIx32 ") points outside the file%s",
+                            "grain directory entry %" PRIu32 " (0x%" PRIx32
+                            ") points outside the file%s",
                             bad_gd, sp->gd[bad_gd],
                             sp->rgd ? ", and so does the redundant one" : "");
             return -EINVAL;
@@ -218,8 +217,8 @@ int coroutine_fn vmdk_sparse_co_load_gd(BlockDriverState *bs, VmdkExtent *e,
         sp->rgd = NULL;
         sp->gd_offset = sp->rgd_offset;
         sp->rgd_offset = 0;
-        sp->ro_reason = sp->ro_reason ? sp->ro_reason
-                                      : "its grain directory is damaged";
+        sp->ro_reason =
+            sp->ro_reason ? sp->ro_reason : "its grain directory is damaged";
     } else if (sp->rgd && bad_rgd != UINT32_MAX) {
         log_warning("%s: redundant grain directory at 0x%" PRIx64
                     " is damaged (entry %" PRIu32 "); ignoring it",
@@ -271,8 +270,7 @@ int coroutine_fn vmdk_sparse_co_open(BlockDriverState *bs, VmdkExtent *e,
                             g_strerror(-ret));
             return ret;
         }
-        if (ld32(footer + 8) != 0 ||
-            ld32(footer + 12) != VMDK_MARKER_FOOTER ||
+        if (ld32(footer + 8) != 0 || ld32(footer + 12) != VMDK_MARKER_FOOTER ||
             ld32(footer + 512) != VMDK_MAGIC_KDMV || ld64(footer + 1024) ||
             ld32(footer + 1032) || ld32(footer + 1036) != VMDK_MARKER_EOS) {
             vmdk_open_error(errp, e,
@@ -319,8 +317,9 @@ int coroutine_fn vmdk_sparse_co_open(BlockDriverState *bs, VmdkExtent *e,
     }
     sp->compressed = algo == KDMV_COMPRESS_DEFLATE;
     if ((sp->flags & KDMV_FLAG_COMPRESSED) && !sp->compressed) {
-        vmdk_open_error(errp, e, "the compressed-grains flag is set but no "
-                                 "compression algorithm is named");
+        vmdk_open_error(errp, e,
+                        "the compressed-grains flag is set but no "
+                        "compression algorithm is named");
         return -EINVAL;
     }
     sp->markers = sp->flags & KDMV_FLAG_MARKERS;
@@ -367,8 +366,8 @@ int coroutine_fn vmdk_sparse_co_open(BlockDriverState *bs, VmdkExtent *e,
     if (gd == 0 || gd > (uint64_t)sp->file_len / VMDK_SECTOR ||
         gd * VMDK_SECTOR + gd_entries * 4 > (uint64_t)sp->file_len) {
         vmdk_open_error(errp, e,
-                        "grain directory at sector %" PRIu64
-                        " (%" PRIu64 " entries) is outside the file",
+                        "grain directory at sector %" PRIu64 " (%" PRIu64
+                        " entries) is outside the file",
                         gd, gd_entries);
         return -EINVAL;
     }
@@ -410,8 +409,7 @@ int coroutine_fn vmdk_sparse_co_open(BlockDriverState *bs, VmdkExtent *e,
     }
 
     sp->next_alloc = ALIGN_UP(sp->file_len, VMDK_SECTOR);
-    if (sp->compressed && sp->file_len >= 2 * VMDK_SECTOR &&
-        !sp->gd_at_end) {
+    if (sp->compressed && sp->file_len >= 2 * VMDK_SECTOR && !sp->gd_at_end) {
         uint8_t eos[16];
 
         /* Appended grains replace a trailing end-of-stream marker. */
@@ -427,8 +425,8 @@ int coroutine_fn vmdk_sparse_co_open(BlockDriverState *bs, VmdkExtent *e,
 
 /* ---- grain tables ------------------------------------------------- */
 
-static int coroutine_fn vmdk_gt_load_locked(BlockDriverState *bs,
-                                            VmdkExtent *e, uint32_t gdi)
+static int coroutine_fn vmdk_gt_load_locked(BlockDriverState *bs, VmdkExtent *e,
+                                            uint32_t gdi)
 {
     VmdkSparse *sp = e->sp;
     uint32_t *gt;
@@ -564,8 +562,8 @@ static int coroutine_fn vmdk_read_compressed(VmdkExtent *e, uint64_t gi,
 {
     VmdkSparse *sp = e->sp;
     int64_t want = vmdk_grain_len(e, gi);
-    int64_t limit = sp->next_alloc > sp->file_len ? sp->next_alloc
-                                                  : sp->file_len;
+    int64_t limit =
+        sp->next_alloc > sp->file_len ? sp->next_alloc : sp->file_len;
     size_t data_off = 0, produced = 0;
     int64_t clen, rlen;
     uint8_t *raw;
@@ -581,11 +579,11 @@ static int coroutine_fn vmdk_read_compressed(VmdkExtent *e, uint64_t gi,
         clen = ld32(m + 8);
         if (clen == 0 || clen > (int64_t)(2 * sp->grain_bytes + 4096) ||
             (int64_t)host + VMDK_GRAIN_MARKER_SIZE + clen > limit) {
-            return bdrv_report_corruption(
-                e->file->bs, host,
-                "grain marker of grain %" PRIu64 " gives a bad compressed "
-                "size (%" PRId64 " bytes)",
-                gi, clen);
+            return bdrv_report_corruption(e->file->bs, host,
+                                          "grain marker of grain %" PRIu64
+                                          " gives a bad compressed "
+                                          "size (%" PRId64 " bytes)",
+                                          gi, clen);
         }
         data_off = VMDK_GRAIN_MARKER_SIZE;
         rlen = ALIGN_UP(data_off + clen, VMDK_SECTOR);
@@ -602,14 +600,14 @@ static int coroutine_fn vmdk_read_compressed(VmdkExtent *e, uint64_t gi,
     }
     ret = bdrv_co_pread(e->file, host, rlen, raw, 0);
     if (ret == 0) {
-        ret = vmdk_inflate(raw + data_off, clen, buf, sp->grain_bytes,
-                           &produced);
+        ret =
+            vmdk_inflate(raw + data_off, clen, buf, sp->grain_bytes, &produced);
         if (ret == -EIO || (ret == 0 && (int64_t)produced < want)) {
-            ret = bdrv_report_corruption(
-                e->file->bs, host,
-                "compressed grain %" PRIu64 " does not inflate to %" PRId64
-                " bytes",
-                gi, want);
+            ret =
+                bdrv_report_corruption(e->file->bs, host,
+                                       "compressed grain %" PRIu64
+                                       " does not inflate to %" PRId64 " bytes",
+                                       gi, want);
         }
     }
     g_free(raw);
@@ -688,7 +686,7 @@ int coroutine_fn vmdk_sparse_co_preadv(BlockDriverState *bs, VmdkExtent *e,
  */
 static int64_t vmdk_reserve(VmdkSparse *sp, int64_t len)
 {
-    int64_t align = sp->compressed ? VMDK_SECTOR
+    int64_t align = sp->compressed           ? VMDK_SECTOR
                     : sp->grain_bytes < 4096 ? (int64_t)sp->grain_bytes
                                              : 4096;
     int64_t pos = ALIGN_UP(sp->next_alloc, align);
@@ -744,8 +742,8 @@ static int coroutine_fn vmdk_alloc_gt_locked(VmdkExtent *e, uint32_t gdi)
         return ret;
     }
     if (sp->rgd) {
-        ret = vmdk_write_entry(e, sp->rgd_offset, sp->rgd, sp->gd_entries,
-                               gdi, rpos / VMDK_SECTOR);
+        ret = vmdk_write_entry(e, sp->rgd_offset, sp->rgd, sp->gd_entries, gdi,
+                               rpos / VMDK_SECTOR);
         if (ret < 0) {
             return ret;
         }
@@ -791,9 +789,8 @@ static int coroutine_fn vmdk_set_gte(BlockDriverState *bs, VmdkExtent *e,
 }
 
 /* The contents grain @gi has now (@st, @host from the lookup). */
-static int coroutine_fn vmdk_grain_contents(BlockDriverState *bs,
-                                            VmdkExtent *e, uint64_t gi,
-                                            int st, uint64_t host,
+static int coroutine_fn vmdk_grain_contents(BlockDriverState *bs, VmdkExtent *e,
+                                            uint64_t gi, int st, uint64_t host,
                                             uint8_t *buf)
 {
     int64_t len = vmdk_grain_len(e, gi);
@@ -805,19 +802,18 @@ static int coroutine_fn vmdk_grain_contents(BlockDriverState *bs,
     }
     if (st == VMDK_GRAIN_UNALLOCATED) {
         iov_init_buf(&qiov, buf, len);
-        return vmdk_co_read_parent(bs, e->start + gi * e->sp->grain_bytes,
-                                   len, &qiov, 0);
+        return vmdk_co_read_parent(bs, e->start + gi * e->sp->grain_bytes, len,
+                                   &qiov, 0);
     }
     return 0;
 }
 
 /* Write @n bytes at @in of grain @gi, which is not allocated (or is a
  * compressed grain, which is always rewritten whole). */
-static int coroutine_fn vmdk_rewrite_grain(BlockDriverState *bs,
-                                           VmdkExtent *e, uint64_t gi, int st,
-                                           uint64_t host, int64_t in,
-                                           int64_t n, IOVector *qiov,
-                                           size_t qoff)
+static int coroutine_fn vmdk_rewrite_grain(BlockDriverState *bs, VmdkExtent *e,
+                                           uint64_t gi, int st, uint64_t host,
+                                           int64_t in, int64_t n,
+                                           IOVector *qiov, size_t qoff)
 {
     VmdkSparse *sp = e->sp;
     int64_t glen = vmdk_grain_len(e, gi);
@@ -861,9 +857,8 @@ static int coroutine_fn vmdk_rewrite_grain(BlockDriverState *bs,
         uLongf clen = compressBound(glen);
 
         /* marker, deflated grain, padding, end-of-stream marker */
-        out = g_try_malloc0(ALIGN_UP(VMDK_GRAIN_MARKER_SIZE + clen,
-                                     VMDK_SECTOR) +
-                            VMDK_SECTOR);
+        out = g_try_malloc0(
+            ALIGN_UP(VMDK_GRAIN_MARKER_SIZE + clen, VMDK_SECTOR) + VMDK_SECTOR);
         if (!out) {
             ret = -ENOMEM;
             goto out;
@@ -972,8 +967,8 @@ int coroutine_fn vmdk_sparse_co_pwritev(BlockDriverState *bs, VmdkExtent *e,
     return 0;
 }
 
-int coroutine_fn vmdk_sparse_co_set_unclean(BlockDriverState *bs,
-                                            VmdkExtent *e, bool on)
+int coroutine_fn vmdk_sparse_co_set_unclean(BlockDriverState *bs, VmdkExtent *e,
+                                            bool on)
 {
     uint8_t v = on;
     int ret;

@@ -30,11 +30,23 @@
 #define VMDK_NO_PARENT 0xffffffffu
 
 static const char *const vmdk_create_types[] = {
-    "monolithicSparse", "monolithicFlat", "twoGbMaxExtentSparse",
-    "twoGbMaxExtentFlat", "streamOptimized", "vmfs", "vmfsSparse",
-    "vmfsThin", "vmfsPreallocated", "vmfsEagerZeroedThick", "vmfsRaw",
-    "vmfsRawDeviceMap", "vmfsPassthroughRawDeviceMap", "fullDevice",
-    "partitionedDevice", "custom", NULL,
+    "monolithicSparse",
+    "monolithicFlat",
+    "twoGbMaxExtentSparse",
+    "twoGbMaxExtentFlat",
+    "streamOptimized",
+    "vmfs",
+    "vmfsSparse",
+    "vmfsThin",
+    "vmfsPreallocated",
+    "vmfsEagerZeroedThick",
+    "vmfsRaw",
+    "vmfsRawDeviceMap",
+    "vmfsPassthroughRawDeviceMap",
+    "fullDevice",
+    "partitionedDevice",
+    "custom",
+    NULL,
 };
 
 /* ---- probing ------------------------------------------------------ */
@@ -67,8 +79,8 @@ static bool vmdk_looks_like_descriptor(const uint8_t *buf, size_t len)
             p = eol + 1;
             continue;
         }
-        return eol - q >= 9 && !strncmp(q, "version=", 8) &&
-               q[8] >= '1' && q[8] <= '3';
+        return eol - q >= 9 && !strncmp(q, "version=", 8) && q[8] >= '1' &&
+               q[8] <= '3';
     }
     return false;
 }
@@ -228,9 +240,9 @@ static int vmdk_parse_desc(const char *text, const char *name, VmdkDesc *d,
             continue;
         }
         eq = strchr(l, '=');
-        if (!eq && (g_str_has_prefix(l, "RW") ||
-                    g_str_has_prefix(l, "RDONLY") ||
-                    g_str_has_prefix(l, "NOACCESS"))) {
+        if (!eq &&
+            (g_str_has_prefix(l, "RW") || g_str_has_prefix(l, "RDONLY") ||
+             g_str_has_prefix(l, "NOACCESS"))) {
             VmdkDescExtent x = {.line = i + 1};
             g_autofree char *copy = g_strdup(l);
 
@@ -272,8 +284,8 @@ static int vmdk_parse_desc(const char *text, const char *name, VmdkDesc *d,
 
             if (!vmdk_parse_u64(val, 16, &v) || v > UINT32_MAX) {
                 g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,
-                            "%s: descriptor line %d: bad %s '%s'", name,
-                            i + 1, key, val);
+                            "%s: descriptor line %d: bad %s '%s'", name, i + 1,
+                            key, val);
                 return -EINVAL;
             }
             if (key[0] == 'C') {
@@ -326,14 +338,14 @@ static const char *vmdk_access_name(VmdkAccess a)
 
 static bool vmdk_is_flat_type(const char *t)
 {
-    return !strcmp(t, "FLAT") || !strcmp(t, "VMFS") ||
-           !strcmp(t, "VMFSRAW") || !strcmp(t, "VMFSRDM");
+    return !strcmp(t, "FLAT") || !strcmp(t, "VMFS") || !strcmp(t, "VMFSRAW") ||
+           !strcmp(t, "VMFSRDM");
 }
 
 /* Open the sparse extent @e (file open, first sector in @hdr). */
-static int coroutine_fn vmdk_co_open_sparse(BlockDriverState *bs,
-                                            VmdkExtent *e, const uint8_t *hdr,
-                                            size_t hlen, GError **errp)
+static int coroutine_fn vmdk_co_open_sparse(BlockDriverState *bs, VmdkExtent *e,
+                                            const uint8_t *hdr, size_t hlen,
+                                            GError **errp)
 {
     uint32_t magic = hlen >= 4 ? vmdk_ld32(hdr) : 0;
 
@@ -359,8 +371,8 @@ static int coroutine_fn vmdk_co_open_sparse(BlockDriverState *bs,
 }
 
 /* Open extent @e from descriptor line @x. */
-static int coroutine_fn vmdk_co_open_extent(BlockDriverState *bs,
-                                            VmdkExtent *e, VmdkDescExtent *x,
+static int coroutine_fn vmdk_co_open_extent(BlockDriverState *bs, VmdkExtent *e,
+                                            VmdkDescExtent *x,
                                             const char *desc_name,
                                             GError **errp)
 {
@@ -413,12 +425,11 @@ static int coroutine_fn vmdk_co_open_extent(BlockDriverState *bs,
     if (e->access == VMDK_ACCESS_RW) {
         flags |= bs->open_flags & BDRV_O_RDWR;
     }
-    e->file = bdrv_co_open_child(bs, child, BDRV_CHILD_EXTENT, path, "",
-                                 flags, &local_err);
+    e->file = bdrv_co_open_child(bs, child, BDRV_CHILD_EXTENT, path, "", flags,
+                                 &local_err);
     if (!e->file) {
-        g_set_error(errp, G_FILE_ERROR, local_err->code,
-                    "%s: extent %d: %s", desc_name, e->index,
-                    local_err->message);
+        g_set_error(errp, G_FILE_ERROR, local_err->code, "%s: extent %d: %s",
+                    desc_name, e->index, local_err->message);
         g_error_free(local_err);
         return -ENOENT;
     }
@@ -431,8 +442,7 @@ static int coroutine_fn vmdk_co_open_extent(BlockDriverState *bs,
                         "%s: flat extent is %" PRId64 " bytes, shorter than "
                         "the %" PRId64 " bytes (at offset %" PRId64
                         ") the descriptor gives it",
-                        bdrv_name(e->file->bs), len, e->bytes,
-                        e->flat_offset);
+                        bdrv_name(e->file->bs), len, e->bytes, e->flat_offset);
             return -EINVAL;
         }
         return 0;
@@ -499,8 +509,7 @@ static void vmdk_free_extents(VmdkState *s)
 }
 
 /* The parent of a delta disk: open it and compare CIDs. */
-static int coroutine_fn vmdk_co_open_parent(BlockDriverState *bs,
-                                            GError **errp)
+static int coroutine_fn vmdk_co_open_parent(BlockDriverState *bs, GError **errp)
 {
     VmdkState *s = bs->opaque;
     BlockDriverState *pbs;
@@ -570,8 +579,8 @@ static int coroutine_fn vmdk_co_open(BlockDriverState *bs, GHashTable *opts,
                     "%s: file is too small to be a VMDK image", bdrv_name(bs));
         return -EINVAL;
     }
-    ret = bdrv_co_pread(bs->file, 0, len < VMDK_SECTOR ? len : VMDK_SECTOR,
-                        hdr, 0);
+    ret = bdrv_co_pread(bs->file, 0, len < VMDK_SECTOR ? len : VMDK_SECTOR, hdr,
+                        0);
     if (ret < 0) {
         g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(-ret),
                     "%s: cannot read the header: %s", bdrv_name(bs),
@@ -646,10 +655,9 @@ static int coroutine_fn vmdk_co_open(BlockDriverState *bs, GHashTable *opts,
             goto fail;
         }
         if (!s->create_type) {
-            s->create_type = g_strdup(
-                magic == VMDK_MAGIC_COWD ? "vmfsSparse"
-                : e->sp->compressed      ? "streamOptimized"
-                                         : "monolithicSparse");
+            s->create_type = g_strdup(magic == VMDK_MAGIC_COWD ? "vmfsSparse"
+                                      : e->sp->compressed ? "streamOptimized"
+                                                          : "monolithicSparse");
         }
     } else {
         ret = vmdk_co_read_text(bs, 0, len, &s->desc_text, errp);
@@ -762,8 +770,7 @@ static int vmdk_find_extent(VmdkState *s, int64_t off)
 }
 
 int coroutine_fn vmdk_co_read_parent(BlockDriverState *bs, int64_t voff,
-                                     int64_t bytes, IOVector *qiov,
-                                     size_t qoff)
+                                     int64_t bytes, IOVector *qiov, size_t qoff)
 {
     int64_t plen, n;
     int ret;
@@ -808,8 +815,8 @@ static int coroutine_fn vmdk_co_preadv(BlockDriverState *bs, int64_t offset,
             iov_memset(qiov, qoff, 0, n);
             break;
         case VMDK_KIND_FLAT:
-            ret = bdrv_co_preadv(e->file, e->flat_offset + rel, n, qiov, qoff,
-                                 0);
+            ret =
+                bdrv_co_preadv(e->file, e->flat_offset + rel, n, qiov, qoff, 0);
             break;
         case VMDK_KIND_SPARSE:
         case VMDK_KIND_COWD:
@@ -840,8 +847,8 @@ static char *vmdk_desc_with_cid(const char *text, uint32_t cid)
             bool cr = g_str_has_suffix(p, "\r");
 
             g_free(lines[i]);
-            lines[i] = g_strdup_printf("CID=%08" PRIx32 "%s", cid,
-                                       cr ? "\r" : "");
+            lines[i] =
+                g_strdup_printf("CID=%08" PRIx32 "%s", cid, cr ? "\r" : "");
             break;
         }
     }
@@ -950,8 +957,7 @@ static int vmdk_check_writable(BlockDriverState *bs, int64_t offset,
             if (!e->ro_logged) {
                 e->ro_logged = true;
                 log_info("%s: writes to extent %d (%s) fail with EROFS: %s",
-                         bdrv_name(bs), i, e->fname ? e->fname : e->type,
-                         why);
+                         bdrv_name(bs), i, e->fname ? e->fname : e->type, why);
             }
             return err;
         }
@@ -985,8 +991,8 @@ static int coroutine_fn vmdk_co_pwritev(BlockDriverState *bs, int64_t offset,
         int64_t n = e->bytes - rel < bytes ? e->bytes - rel : bytes;
 
         if (e->kind == VMDK_KIND_FLAT) {
-            ret = bdrv_co_pwritev(e->file, e->flat_offset + rel, n, qiov,
-                                  qoff, 0);
+            ret = bdrv_co_pwritev(e->file, e->flat_offset + rel, n, qiov, qoff,
+                                  0);
         } else {
             ret = vmdk_sparse_co_pwritev(bs, e, rel, n, qiov, qoff);
         }

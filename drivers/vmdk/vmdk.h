@@ -73,23 +73,23 @@ typedef struct VmdkSparse {
     uint64_t grain_bytes; /* power of two, >= 512 */
     uint32_t gte_per_gt;  /* grain table entries per grain table */
     uint32_t gd_entries;
-    int64_t gd_offset;  /* bytes */
-    int64_t rgd_offset; /* bytes; 0: no redundant directory */
-    int64_t overhead;   /* bytes before the first grain */
-    uint32_t *gd;       /* host order; entries are sector offsets */
-    uint32_t *rgd;      /* NULL without a redundant directory */
-    uint32_t **gt;      /* per directory entry: cached table or NULL */
-    bool compressed;    /* deflate grains (streamOptimized) */
-    bool markers;       /* grains preceded by markers */
-    bool zero_grain;    /* entry 1 means "zeroed grain" */
-    bool gd_at_end;     /* stream with its directory in the footer */
-    bool unclean;       /* the unclean-shutdown flag was set at open */
+    int64_t gd_offset;   /* bytes */
+    int64_t rgd_offset;  /* bytes; 0: no redundant directory */
+    int64_t overhead;    /* bytes before the first grain */
+    uint32_t *gd;        /* host order; entries are sector offsets */
+    uint32_t *rgd;       /* NULL without a redundant directory */
+    uint32_t **gt;       /* per directory entry: cached table or NULL */
+    bool compressed;     /* deflate grains (streamOptimized) */
+    bool markers;        /* grains preceded by markers */
+    bool zero_grain;     /* entry 1 means "zeroed grain" */
+    bool gd_at_end;      /* stream with its directory in the footer */
+    bool unclean;        /* the unclean-shutdown flag was set at open */
     bool marked_unclean; /* we set it for our writes: clear at close */
     /* non-NULL: writes to this extent fail with EROFS, for this reason */
     const char *ro_reason;
-    int64_t file_len;   /* extent file length at open */
-    int64_t next_alloc; /* where the next grain or table goes (bytes) */
-    CoMutex meta_lock;  /* table loads, table and directory updates */
+    int64_t file_len;    /* extent file length at open */
+    int64_t next_alloc;  /* where the next grain or table goes (bytes) */
+    CoMutex meta_lock;   /* table loads, table and directory updates */
     VmdkGrainBusy *busy; /* grains with an update in flight */
 } VmdkSparse;
 
@@ -97,8 +97,8 @@ typedef struct VmdkExtent {
     int index;
     VmdkAccess access;
     VmdkKind kind;
-    char *type;  /* as written in the descriptor: "SPARSE", "FLAT"... */
-    char *fname; /* as written in the descriptor; NULL for ZERO */
+    char *type;      /* as written in the descriptor: "SPARSE", "FLAT"... */
+    char *fname;     /* as written in the descriptor; NULL for ZERO */
     BdrvChild *file; /* NULL for ZERO and NOACCESS extents */
     bool own_file;   /* a child of ours (not bs->file) */
     int64_t start;   /* virtual offset, bytes */
@@ -161,8 +161,8 @@ int coroutine_fn vmdk_sparse_co_pwritev(BlockDriverState *bs, VmdkExtent *e,
                                         int64_t off, int64_t bytes,
                                         IOVector *qiov, size_t qoff);
 /* Set (@on) or clear the unclean-shutdown flag in the header. */
-int coroutine_fn vmdk_sparse_co_set_unclean(BlockDriverState *bs,
-                                            VmdkExtent *e, bool on);
+int coroutine_fn vmdk_sparse_co_set_unclean(BlockDriverState *bs, VmdkExtent *e,
+                                            bool on);
 
 /* vmdk-cowd.c */
 int coroutine_fn vmdk_cowd_co_open(BlockDriverState *bs, VmdkExtent *e,
