@@ -492,9 +492,14 @@ static int coroutine_fn vmdk_co_read_text(BlockDriverState *bs, int64_t off,
     return 0;
 }
 
-static void vmdk_free_extents(VmdkState *s)
+/* Free everything the open allocated (the children are blockcore's). */
+static void vmdk_free_state(VmdkState *s)
 {
     int i;
+
+    g_clear_pointer(&s->create_type, g_free);
+    g_clear_pointer(&s->parent_hint, g_free);
+    g_clear_pointer(&s->desc_text, g_free);
 
     for (i = 0; i < s->n_extents; i++) {
         VmdkExtent *e = &s->extents[i];
@@ -565,6 +570,7 @@ static int coroutine_fn vmdk_co_open(BlockDriverState *bs, GHashTable *opts,
     int64_t len = bdrv_getlength(bs->file->bs);
     uint8_t hdr[VMDK_SECTOR];
     VmdkDesc d = {0};
+    GError *local_err = NULL;
     uint32_t magic;
     int64_t total = 0;
     int ret, i;
@@ -694,8 +700,14 @@ static int coroutine_fn vmdk_co_open(BlockDriverState *bs, GHashTable *opts,
             e->index = i;
             ret = vmdk_co_open_extent(
                 bs, e, &g_array_index(d.extents, VmdkDescExtent, i),
-                bdrv_name(bs), errp);
+                bdrv_name(bs), &local_err);
             if (ret < 0) {
+                /* Errors about an extent file also name the descriptor. */
+                if (!strstr(local_err->message, bdrv_name(bs))) {
+                    g_prefix_error(&local_err, "%s: extent %d: ", bdrv_name(bs),
+                                   i);
+                }
+                g_propagate_error(errp, local_err);
                 goto fail;
             }
         }
@@ -710,14 +722,14 @@ static int coroutine_fn vmdk_co_open(BlockDriverState *bs, GHashTable *opts,
 
     ret = vmdk_co_open_parent(bs, errp);
     if (ret < 0) {
-        vmdk_free_extents(s);
+        vmdk_free_state(s);
         return ret;
     }
     return 0;
 
 fail:
     vmdk_desc_clear(&d);
-    vmdk_free_extents(s);
+    vmdk_free_state(s);
     return ret;
 }
 
@@ -738,10 +750,7 @@ static void coroutine_fn vmdk_co_close(BlockDriverState *bs)
             }
         }
     }
-    vmdk_free_extents(s);
-    g_free(s->create_type);
-    g_free(s->parent_hint);
-    g_free(s->desc_text);
+    vmdk_free_state(s);
 }
 
 static void vmdk_refresh_limits(BlockDriverState *bs, BlockLimits *bl)
