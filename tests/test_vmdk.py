@@ -529,6 +529,44 @@ def test_delta_disk_with_parent(tmp_path):
     assert "child.vmdk" in msg and "base.vmdk" in msg and "CID" in msg
 
 
+def test_hand_written_delta_descriptor(tmp_path):
+    """A descriptor file written by hand: two sparse extents, a parent in
+    another directory named relative to the descriptor's directory."""
+    (tmp_path / "base").mkdir()
+    base = tmp_path / "base" / "parent.vmdk"
+    run("qemu-img", "create", "-f", "vmdk", base, 4 * MiB)
+    qemu_io(base, "write -P 0x71 0 4M")
+    base_cid = imgfs_info(base)["format-specific"]["cid"]
+    for name, cmd in (("delta-s001.vmdk", "write -P 0x72 64k 8k"),
+                      ("delta-s002.vmdk", "write -P 0x73 512k 100k")):
+        run("qemu-img", "create", "-f", "vmdk", tmp_path / name, 2 * MiB)
+        qemu_io(tmp_path / name, cmd)
+    img = tmp_path / "delta.vmdk"
+    img.write_text(
+        "# Disk DescriptorFile\nversion=1\nencoding=\"UTF-8\"\n"
+        "CID=fffffffe\nparentCID=%s\ncreateType=\"twoGbMaxExtentSparse\"\n"
+        "parentFileNameHint=\"base/parent.vmdk\"\n"
+        "# Extent description\n"
+        "RW 4096 SPARSE \"delta-s001.vmdk\"\n"
+        "RW 4096 SPARSE \"delta-s002.vmdk\"\n\n"
+        "# The Disk Data Base\n#DDB\n"
+        "ddb.adapterType = \"lsilogic\"\n" % base_cid)
+    expected = tmp_path / "expected.raw"
+    ref = to_raw(img, expected)
+    assert ref[:64 * 1024] == b"\x71" * 65536
+    assert ref[64 * 1024:72 * 1024] == b"\x72" * 8192
+    assert ref[2 * MiB + 512 * 1024:2 * MiB + 612 * 1024] == b"\x73" * 102400
+    with Mount(tmp_path, img) as m:
+        assert read_all(m.path) == ref
+        random_writes(m.path, expected, 4 * MiB, seed=12, count=20)
+        assert read_all(m.path) == expected.read_bytes()
+    assert run("qemu-img", "compare", "-f", "vmdk", "-F", "raw", img,
+               expected).returncode == 0
+    info = imgfs_info(img)
+    assert info["backing-image"]["filename"] == str(base)
+    assert info["format-specific"]["extents"] == 2
+
+
 def test_first_write_marks_unclean_and_changes_cid(tmp_path):
     img = make_image(tmp_path, "monolithicSparse", 4 * MiB, ["write 0 4k"])
     cid0 = imgfs_info(img)["format-specific"]["cid"]
