@@ -739,11 +739,14 @@ def test_info_reports_subformat_and_extents(tmp_path):
     assert spec["extent.0.compressed"] is True
 
 
-def test_fio_verify_qd32_monolithic_sparse(tmp_path):
+@pytest.mark.parametrize("subformat", ["monolithicSparse",
+                                       "streamOptimized"])
+def test_fio_verify_qd32(tmp_path, subformat):
+    """fio async O_DIRECT writes at iodepth 32 with crc32c verify: grains
+    allocated (and, for streamOptimized, appended) concurrently."""
     if not shutil.which("fio"):
         pytest.skip("fio not installed")
-    img = tmp_path / "fio.vmdk"
-    run("qemu-img", "create", "-f", "vmdk", img, 64 * MiB)
+    img = make_image(tmp_path, subformat, 64 * MiB, ["write -P 1 0 8M"])
     with Mount(tmp_path, img, ["cache = none"]) as m:
         for eng in ("io_uring", "libaio"):
             r = subprocess.run(

@@ -40,6 +40,7 @@ int coroutine_fn vmdk_cowd_co_open(BlockDriverState *bs, VmdkExtent *e,
 
     e->sp = sp;
     co_mutex_init(&sp->meta_lock);
+    co_mutex_init(&sp->append_lock);
     sp->file_len = bdrv_getlength(e->file->bs);
     sp->version = version;
     sp->flags = cowd_ld32(hdr + 8);

@@ -22,7 +22,9 @@
  * decompressed, or the parent's data, or zeros), merges the new bytes,
  * compresses it and appends it with its marker where the end-of-stream
  * marker was, followed by a new end-of-stream marker; then the grain
- * table entry is pointed at it.  Rewriting a grain therefore appends a
+ * table entry is pointed at it.  Appends are serialised (append_lock) so
+ * that no end-of-stream sector lands on a grain appended after it;
+ * compression and everything else still run in parallel.  Rewriting a grain therefore appends a
  * new copy; the space of the old one is not reclaimed.  Streams whose
  * grain directory is in the footer (VMware-made, "GD at end") are read
  * only: appending would move the footer.
@@ -256,6 +258,7 @@ int coroutine_fn vmdk_sparse_co_open(BlockDriverState *bs, VmdkExtent *e,
     e->sp = sp;
     sp->file_len = bdrv_getlength(e->file->bs);
     co_mutex_init(&sp->meta_lock);
+    co_mutex_init(&sp->append_lock);
 
     if (ld64(hdr + KH_GD) == KDMV_GD_AT_END) {
         /* A stream: the footer (a copy of the header with the real
@@ -726,16 +729,18 @@ static int coroutine_fn vmdk_alloc_gt_locked(VmdkExtent *e, uint32_t gdi)
     int64_t pos, rpos = 0;
     int ret;
 
-    pos = vmdk_reserve(sp, gt_bytes);
-    if (pos < 0) {
-        g_free(zeros);
-        return pos;
+    if (sp->compressed) {
+        co_mutex_lock(&sp->append_lock);
     }
+    pos = vmdk_reserve(sp, gt_bytes);
     /* A stream keeps ending in an end-of-stream marker (a zero sector). */
-    ret = bdrv_co_pwrite(e->file, pos, len, zeros, 0);
+    ret = pos < 0 ? pos : bdrv_co_pwrite(e->file, pos, len, zeros, 0);
     if (ret == 0 && sp->rgd) {
         rpos = vmdk_reserve(sp, gt_bytes);
         ret = rpos < 0 ? rpos : bdrv_co_pwrite(e->file, rpos, len, zeros, 0);
+    }
+    if (sp->compressed) {
+        co_mutex_unlock(&sp->append_lock);
     }
     g_free(zeros);
     if (ret < 0) {
@@ -873,12 +878,16 @@ static int coroutine_fn vmdk_rewrite_grain(BlockDriverState *bs, VmdkExtent *e,
         len = ALIGN_UP(VMDK_GRAIN_MARKER_SIZE + clen, VMDK_SECTOR);
         memset(out + VMDK_GRAIN_MARKER_SIZE + clen, 0,
                len + VMDK_SECTOR - VMDK_GRAIN_MARKER_SIZE - clen);
+        /* One append at a time: each overwrites the end-of-stream
+         * sector the previous one wrote. */
+        co_mutex_lock(&sp->append_lock);
         pos = vmdk_reserve(sp, len);
-        if (pos < 0) {
-            ret = pos;
+        ret = pos < 0 ? (int)pos
+                      : bdrv_co_pwrite(e->file, pos, len + VMDK_SECTOR, out, 0);
+        co_mutex_unlock(&sp->append_lock);
+        if (ret < 0) {
             goto out;
         }
-        ret = bdrv_co_pwrite(e->file, pos, len + VMDK_SECTOR, out, 0);
     }
 
 set_entry:

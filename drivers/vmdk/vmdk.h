@@ -87,9 +87,12 @@ typedef struct VmdkSparse {
     bool marked_unclean; /* we set it for our writes: clear at close */
     /* non-NULL: writes to this extent fail with EROFS, for this reason */
     const char *ro_reason;
-    int64_t file_len;    /* extent file length at open */
-    int64_t next_alloc;  /* where the next grain or table goes (bytes) */
-    CoMutex meta_lock;   /* table loads, table and directory updates */
+    int64_t file_len;   /* extent file length at open */
+    int64_t next_alloc; /* where the next grain or table goes (bytes) */
+    CoMutex meta_lock;  /* table loads, table and directory updates */
+    /* compressed extents: appends at the end of the stream, which each
+     * end with an end-of-stream sector the next append overwrites */
+    CoMutex append_lock;
     VmdkGrainBusy *busy; /* grains with an update in flight */
 } VmdkSparse;
 
