@@ -73,7 +73,22 @@ struct AioContext {
 
     /* Set while an iothread runs this context (atomic). */
     int thread_running;
+
+    void *slots[AIO_SLOT_COUNT];
+    void (*slot_destroy[AIO_SLOT_COUNT])(void *);
 };
+
+void *aio_context_slot(AioContext *ctx, AioSlot slot)
+{
+    return ctx->slots[slot];
+}
+
+void aio_context_set_slot(AioContext *ctx, AioSlot slot, void *state,
+                          void (*destroy)(void *state))
+{
+    ctx->slots[slot] = state;
+    ctx->slot_destroy[slot] = destroy;
+}
 
 static __thread AioContext *aio_tls_current;
 
@@ -124,9 +139,16 @@ AioContext *aio_context_new(const char *name, GError **errp)
 void aio_context_free(AioContext *ctx)
 {
     AioBH *bh, *next;
+    int i;
 
     if (!ctx) {
         return;
+    }
+    for (i = 0; i < AIO_SLOT_COUNT; i++) {
+        if (ctx->slots[i] && ctx->slot_destroy[i]) {
+            ctx->slot_destroy[i](ctx->slots[i]);
+        }
+        ctx->slots[i] = NULL;
     }
     /* Oneshot or deleted BHs that never ran. */
     for (bh = ctx->bh_head; bh; bh = next) {
@@ -157,6 +179,10 @@ void aio_notify(AioContext *ctx)
 {
     uint64_t one = 1;
 
+    /* The owner looks at its lists before it sleeps: no wake-up needed. */
+    if (aio_tls_current == ctx) {
+        return;
+    }
     if (!__atomic_exchange_n(&ctx->notified, 1, __ATOMIC_SEQ_CST)) {
         if (write(ctx->evfd, &one, sizeof(one)) < 0 && errno != EAGAIN) {
             log_error("event loop %s: cannot notify: %s", ctx->name,

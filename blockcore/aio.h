@@ -103,6 +103,21 @@ void aio_run_sync(AioContext *ctx, void (*fn)(void *), void *opaque);
  */
 void aio_co_run_sync(AioContext *ctx, CoroutineEntry *fn, void *opaque);
 
+/*
+ * Per-context state of other modules (the io_uring ring, the Linux AIO
+ * context of the file driver), destroyed with the context.  Owner thread
+ * only.
+ */
+typedef enum AioSlot {
+    AIO_SLOT_URING,
+    AIO_SLOT_LINUX_AIO,
+    AIO_SLOT_COUNT,
+} AioSlot;
+
+void *aio_context_slot(AioContext *ctx, AioSlot slot);
+void aio_context_set_slot(AioContext *ctx, AioSlot slot, void *state,
+                          void (*destroy)(void *state));
+
 /* Iothreads: a thread running one AioContext until stopped. */
 IOThread *iothread_new(const char *name, GError **errp);
 AioContext *iothread_get_ctx(IOThread *t);

@@ -40,6 +40,8 @@ enum {
     CACHE_UNSAFE
 };
 
+static const char *const aio_modes[] = {"threads", "io_uring", "native", NULL};
+
 static const OptDesc blk_options[] = {
     {"file", OPT_STRING, NULL,
      "image file (relative to the config file's directory)"},
@@ -51,6 +53,8 @@ static const OptDesc blk_options[] = {
     {"cache.no-flush", OPT_BOOL, NULL, "ignore flush requests (unsafe)"},
     {"write-cache", OPT_BOOL, NULL,
      "off: every write is durable before it is acknowledged"},
+    {"aio", OPT_ENUM, aio_modes,
+     "host file I/O: io_uring (default), threads, native (Linux AIO)"},
     {NULL},
 };
 
@@ -73,6 +77,7 @@ void blk_options_init(BlockBackendOptions *o)
     memset(o, 0, sizeof(*o));
     o->write_cache = true;
     o->discard_unmap = true;
+    o->aio = BLOCK_AIO_IO_URING;
     o->driver_opts = opt_table_new();
     o->given = opt_table_new();
 }
@@ -163,6 +168,8 @@ int blk_options_set(BlockBackendOptions *o, const char *key, const char *value,
         o->format = g_strdup(value);
     } else if (!strcmp(key, "read-only")) {
         opt_parse_bool(value, &o->read_only);
+    } else if (!strcmp(key, "aio")) {
+        o->aio = opt_parse_enum(value, aio_modes);
     }
     /* cache keys are resolved in blk_options_check (order independent). */
     return 0;
@@ -215,6 +222,12 @@ bool blk_options_check(const BlockBackendOptions *co, GError **errp)
     if ((v = g_hash_table_lookup(o->given, "write-cache")) &&
         opt_parse_bool(v, &b) == 0) {
         o->write_cache = b;
+    }
+    if (o->aio == BLOCK_AIO_NATIVE && !o->cache_direct) {
+        g_set_error(errp, G_KEY_FILE_ERROR, G_KEY_FILE_ERROR_INVALID_VALUE,
+                    "key 'aio': native needs the image opened with O_DIRECT "
+                    "(cache = none or directsync, or cache.direct = on)");
+        return false;
     }
     return true;
 }
@@ -273,6 +286,11 @@ static void coroutine_fn blk_co_open_entry(void *opaque)
     }
     if (o->discard_unmap) {
         flags |= BDRV_O_UNMAP;
+    }
+    if (o->aio == BLOCK_AIO_IO_URING) {
+        flags |= BDRV_O_AIO_IO_URING;
+    } else if (o->aio == BLOCK_AIO_NATIVE) {
+        flags |= BDRV_O_AIO_NATIVE;
     }
     bs = bdrv_co_open_root(o->file, o->format, o->driver_opts, flags, blk->name,
                            &d->err);

@@ -86,7 +86,7 @@ static void tracked_request_set_serialising(BdrvTrackedRequest *req,
                                             int64_t align)
 {
     int64_t start = ALIGN_DOWN(req->offset, align);
-    int64_t end = req->bytes > INT64_MAX - req->offset
+    int64_t end = req->bytes > INT64_MAX - req->offset - align
                       ? INT64_MAX
                       : ALIGN_UP(req->offset + req->bytes, align);
 

@@ -19,10 +19,13 @@
 #include <unistd.h>
 
 #include "blockcore/driver.h"
+#include "blockcore/log.h"
 #include "blockcore/thread-pool.h"
+#include "blockcore/uring.h"
 
 typedef struct FileState {
     int fd;
+    AioUring *uring; /* aio=io_uring: this event loop's ring */
     bool is_bdev;
     uint32_t dio_align;     /* O_DIRECT offset/length alignment */
     uint32_t dio_mem_align; /* O_DIRECT buffer alignment */
@@ -265,6 +268,15 @@ static int coroutine_fn file_co_open(BlockDriverState *bs, GHashTable *opts,
         file_probe_dio_alignment(s);
     }
     bs->supported_write_flags = BDRV_REQ_FUA;
+    if (flags & BDRV_O_AIO_IO_URING) {
+        GError *err = NULL;
+
+        s->uring = aio_uring_get(bs->ctx, &err);
+        if (!s->uring) {
+            log_warning("%s: %s; using aio=threads", filename, err->message);
+            g_error_free(err);
+        }
+    }
     return 0;
 }
 
@@ -309,12 +321,17 @@ static int coroutine_fn file_co_rw(BlockDriverState *bs, int type,
     };
     int ret;
 
-    /* The job edits its iovec array while it advances: use a copy. */
+    /* The I/O edits its iovec array while it advances: use a copy. */
     iov_init(&part);
     iov_concat(&part, qiov, qoff, bytes);
-    job.iov = part.iov;
-    job.niov = part.niov;
-    ret = file_co_job(&job);
+    if (s->uring) {
+        ret = aio_uring_co_rw(s->uring, type == FILE_JOB_WRITE, s->fd, part.iov,
+                              part.niov, offset, bytes, rwflags);
+    } else {
+        job.iov = part.iov;
+        job.niov = part.niov;
+        ret = file_co_job(&job);
+    }
     iov_destroy(&part);
     return ret;
 }
@@ -344,6 +361,9 @@ static int coroutine_fn file_co_flush(BlockDriverState *bs)
     FileState *s = bs->opaque;
     FileJob job = {.fd = s->fd, .type = FILE_JOB_FLUSH};
 
+    if (s->uring) {
+        return aio_uring_co_fdatasync(s->uring, s->fd);
+    }
     return file_co_job(&job);
 }
 
@@ -358,6 +378,9 @@ static int coroutine_fn file_co_fallocate(FileState *s, int mode,
         .bytes = bytes,
     };
 
+    if (s->uring) {
+        return aio_uring_co_fallocate(s->uring, s->fd, mode, offset, bytes);
+    }
     return file_co_job(&job);
 }
 

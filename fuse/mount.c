@@ -46,7 +46,9 @@
 #define IFS_BUF_PAD (4096 - IFS_WRITE_HEADERS)
 #define IFS_MAX_WRITE (1 * MiB)
 #define IFS_BUF_SIZE (4096 + IFS_MAX_WRITE + 4096)
-#define IFS_BUF_CACHE 16
+/* Receive buffers kept for reuse (mmap/munmap of 1 MiB per request
+ * costs page faults and TLB shootdowns across threads). */
+#define IFS_BUF_POOL 64
 /* Requests read per wake-up before other work gets a turn. */
 #define IFS_QUEUE_BATCH 32
 
@@ -55,17 +57,25 @@ struct IfsBuf {
     IfsBuf *next;
 };
 
-static __thread IfsBuf *ifs_buf_cache;
-static __thread int ifs_buf_cached;
+static struct {
+    GMutex lock;
+    IfsBuf *head; /* protected by lock */
+    int count;    /* protected by lock */
+} ifs_buf_pool;
 
 static IfsBuf *ifs_buf_new(void)
 {
-    IfsBuf *b = ifs_buf_cache;
+    IfsBuf *b;
     void *mem;
 
+    g_mutex_lock(&ifs_buf_pool.lock);
+    b = ifs_buf_pool.head;
     if (b) {
-        ifs_buf_cache = b->next;
-        ifs_buf_cached--;
+        ifs_buf_pool.head = b->next;
+        ifs_buf_pool.count--;
+    }
+    g_mutex_unlock(&ifs_buf_pool.lock);
+    if (b) {
         return b;
     }
     if (posix_memalign(&mem, 4096, IFS_BUF_SIZE)) {
@@ -78,26 +88,32 @@ static IfsBuf *ifs_buf_new(void)
 
 void ifs_buf_free(IfsBuf *b)
 {
-    if (ifs_buf_cached < IFS_BUF_CACHE) {
-        b->next = ifs_buf_cache;
-        ifs_buf_cache = b;
-        ifs_buf_cached++;
-        return;
+    g_mutex_lock(&ifs_buf_pool.lock);
+    if (ifs_buf_pool.count < IFS_BUF_POOL) {
+        b->next = ifs_buf_pool.head;
+        ifs_buf_pool.head = b;
+        ifs_buf_pool.count++;
+        b = NULL;
     }
-    free(b->mem);
-    g_free(b);
-}
-
-static void ifs_buf_cache_drain(void)
-{
-    while (ifs_buf_cache) {
-        IfsBuf *b = ifs_buf_cache;
-
-        ifs_buf_cache = b->next;
+    g_mutex_unlock(&ifs_buf_pool.lock);
+    if (b) {
         free(b->mem);
         g_free(b);
     }
-    ifs_buf_cached = 0;
+}
+
+static void ifs_buf_pool_drain(void)
+{
+    g_mutex_lock(&ifs_buf_pool.lock);
+    while (ifs_buf_pool.head) {
+        IfsBuf *b = ifs_buf_pool.head;
+
+        ifs_buf_pool.head = b->next;
+        free(b->mem);
+        g_free(b);
+    }
+    ifs_buf_pool.count = 0;
+    g_mutex_unlock(&ifs_buf_pool.lock);
 }
 
 struct IfsQueue {
@@ -250,7 +266,6 @@ static void ifs_queue_stop(void *opaque)
         ifs_buf_free(q->spare);
         q->spare = NULL;
     }
-    ifs_buf_cache_drain();
 }
 
 static IfsQueue *ifs_queue_new(IfsMount *m, unsigned idx, GError **errp)
@@ -540,6 +555,7 @@ static int ifs_shutdown(IfsMount *m)
         fuse_session_destroy(m->se);
     }
     thread_pool_shutdown();
+    ifs_buf_pool_drain();
     return status;
 }
 

@@ -19,6 +19,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/falloc.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
@@ -31,6 +32,8 @@
 #define IFS_ROOT_INO FUSE_ROOT_ID
 #define IFS_ATTR_TIMEOUT 1.0
 #define IFS_BLKSIZE 4096
+/* Writes up to this size are copied out of the receive buffer. */
+#define IFS_WRITE_COPY_MAX (64 * 1024)
 
 /* Per thread: where replies of the request being handled go. */
 static __thread int ifs_reply_fd = -1;
@@ -75,7 +78,8 @@ typedef struct IfsRequest {
     int64_t length;
     int mode; /* fallocate mode, lseek whence */
     const char *data;
-    IfsBuf *buf; /* owns data for writes */
+    IfsBuf *buf; /* owns data of large writes */
+    void *copy;  /* owns data of small writes */
     /* setattr: */
     int to_set;
     struct stat attr;
@@ -106,6 +110,7 @@ static void ifs_request_free(IfsRequest *r)
     if (r->buf) {
         ifs_buf_free(r->buf);
     }
+    free(r->copy);
     ifs_drive_unref(r->drive);
     g_free(r);
     ifs_request_finished(m);
@@ -388,10 +393,21 @@ static void ifs_op_write(fuse_req_t req, fuse_ino_t ino, const char *buf,
     r = ifs_request_new(req, d, IFS_OP_WRITE);
     r->offset = off;
     r->length = size;
-    r->data = buf;
-    /* The data lives in the receive buffer: keep it until we reply. */
-    r->buf = ifs_current_buf;
-    ifs_buf_taken = true;
+    if (size <= IFS_WRITE_COPY_MAX) {
+        /* Small: copy, and the queue keeps its receive buffer. */
+        if (posix_memalign(&r->copy, 4096, size ? size : 1)) {
+            ifs_request_free(r);
+            fuse_reply_err(req, ENOMEM);
+            return;
+        }
+        memcpy(r->copy, buf, size);
+        r->data = r->copy;
+    } else {
+        /* Large: keep the receive buffer until we reply. */
+        r->data = buf;
+        r->buf = ifs_current_buf;
+        ifs_buf_taken = true;
+    }
     aio_co_spawn(d->ctx, ifs_co_write, r);
 }
 
