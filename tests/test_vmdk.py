@@ -14,14 +14,16 @@ little-endian, offsets in 512-byte sectors):
               0 = grain not present
   then        the grains, in the order they were written
 """
+import itertools
 import json
 import os
 import random
 import shutil
 import struct
 import subprocess
-import time
+from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -29,8 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 IMGFS = os.environ.get("IMGFS_BIN") or str(ROOT / "build" / "imgfs")
 MiB = 1 << 20
 GiB = 1 << 30
-SANITIZER_MARKS = ("ERROR: AddressSanitizer", "runtime error:",
-                   "ERROR: LeakSanitizer")
+SANITIZER_MARKS = ("AddressSanitizer", "LeakSanitizer",
+                   "UndefinedBehaviorSanitizer", "runtime error:")
 
 
 def run(*args, **kw):
@@ -62,78 +64,41 @@ def imgfs_info(img):
     return json.loads(r.stdout)
 
 
-class Mount:
-    """imgfs mount -f of one drive 'd' with @image; always unmounted."""
-
-    def __init__(self, tmp, image, extra=(), expect_fail=False):
-        self.tmp = Path(tmp)
-        self.mnt = self.tmp / "mnt"
-        self.mnt.mkdir(exist_ok=True)
-        self.cfg = self.tmp / "imgfs.ini"
-        self.log = self.tmp / "imgfs.log"
-        self.cfg.write_text("[d]\nfile = %s\n%s\n" % (image, "\n".join(extra)))
-        self.path = self.mnt / "d"
-        self.expect_fail = expect_fail
-        self.proc = None
-
-    def __enter__(self):
-        self.logf = open(self.log, "w")
-        self.proc = subprocess.Popen([IMGFS, "mount", "-f", str(self.cfg),
-                                      str(self.mnt)], stderr=self.logf,
-                                     stdout=self.logf)
-        deadline = time.time() + 20
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                break
-            if os.path.ismount(self.mnt) and self.path.exists():
-                return self
-            time.sleep(0.05)
-        self.logf.close()
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        text = self.log.read_text()
-        self.check_sanitizer(text)
-        if self.expect_fail:
-            raise MountFailed(text)
-        raise AssertionError("imgfs did not mount:\n" + text)
-
-    def __exit__(self, *exc):
-        subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)],
-                       capture_output=True)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.logf.close()
-        self.check_sanitizer(self.log.read_text())
-        return False
-
-    @staticmethod
-    def check_sanitizer(text):
-        for m in SANITIZER_MARKS:
-            assert m not in text, text
-
-    def logtext(self):
-        self.logf.flush()
-        return self.log.read_text()
+_mount_ids = itertools.count()
 
 
-class MountFailed(Exception):
-    pass
+@contextmanager
+def mounted(imgfs, image, extra=None):
+    """Mount @image as drive 'd' with the conftest `imgfs` fixture (which
+    checks the daemon's exit and sanitizer reports); unmount at the end
+    of the block.  Yields .path (the drive's file) and .logtext()."""
+    keys = {"file": str(image)}
+    keys.update(extra or {})
+    m = imgfs({"d": keys}, name="mnt%d" % next(_mount_ids))
+    yield SimpleNamespace(path=m.drive("d"), logtext=m.stderr)
+    assert m.unmount() == 0, m.stderr()
 
 
-def mount_error(tmp, image, extra=()):
-    """Mounting must fail; return imgfs's message."""
-    with pytest.raises(MountFailed) as ei:
-        with Mount(tmp, image, extra, expect_fail=True):
-            pass
-    return str(ei.value)
+def mount_error(tmp, image, extra=None):
+    """Mounting @image must fail; return imgfs's message."""
+    tmp = Path(tmp)
+    n = next(_mount_ids)
+    mnt = tmp / ("bad%d" % n)
+    mnt.mkdir()
+    cfg = tmp / ("bad%d.ini" % n)
+    lines = ["[d]", "file = %s" % image]
+    lines += ["%s = %s" % kv for kv in (extra or {}).items()]
+    cfg.write_text("\n".join(lines) + "\n")
+    try:
+        r = subprocess.run([IMGFS, "mount", "-f", str(cfg), str(mnt)],
+                           capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired:
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)])
+        raise AssertionError("%s mounted, but it should not" % image)
+    for mark in SANITIZER_MARKS:
+        assert mark not in r.stderr, r.stderr
+    assert r.returncode != 0, r.stderr
+    return r.stderr
 
 
 def read_all(path):
@@ -205,11 +170,11 @@ def make_image(tmp, subformat, size=SIZE, fill=FILL):
 @pytest.mark.parametrize("subformat", [
     "monolithicSparse", "monolithicFlat", "twoGbMaxExtentSparse",
     "twoGbMaxExtentFlat", "streamOptimized"])
-def test_subformat_read_write(tmp_path, subformat):
+def test_subformat_read_write(imgfs, tmp_path, subformat):
     img = make_image(tmp_path, subformat)
     expected = tmp_path / "expected.raw"
     ref = to_raw(img, expected)
-    with Mount(tmp_path, img) as m:
+    with mounted(imgfs, img) as m:
         assert read_all(m.path) == ref
         random_writes(m.path, expected, SIZE, seed=len(subformat))
         assert read_all(m.path) == expected.read_bytes()
@@ -221,13 +186,13 @@ def test_subformat_read_write(tmp_path, subformat):
     info = json.loads(run("qemu-img", "info", "--output=json", img).stdout)
     assert info["format"] == "vmdk" and info["virtual-size"] == SIZE
     # Mounted again, the writes are there.
-    with Mount(tmp_path, img) as m:
+    with mounted(imgfs, img) as m:
         assert read_all(m.path) == expected.read_bytes()
 
 
 @pytest.mark.parametrize("subformat", ["twoGbMaxExtentSparse",
                                        "twoGbMaxExtentFlat"])
-def test_two_gb_extents_boundary(tmp_path, subformat):
+def test_two_gb_extents_boundary(imgfs, tmp_path, subformat):
     """A disk of more than 2 GiB: two extent files; requests across the
     boundary are split between them."""
     size = 2 * GiB + 8 * MiB
@@ -239,7 +204,7 @@ def test_two_gb_extents_boundary(tmp_path, subformat):
     assert len(ext) == 2, ext
     expected = tmp_path / "expected.raw"
     to_raw(img, expected)
-    with Mount(tmp_path, img) as m:
+    with mounted(imgfs, img) as m:
         assert os.path.getsize(m.path) == size
         for off in (0, b - MiB, b + MiB):
             assert pread(m.path, off, 2 * MiB) == pread(expected, off, 2 * MiB)
@@ -259,7 +224,7 @@ def test_two_gb_extents_boundary(tmp_path, subformat):
     qemu_check(img)
 
 
-def test_stream_optimized_rewrite_appends(tmp_path):
+def test_stream_optimized_rewrite_appends(imgfs, tmp_path):
     """streamOptimized: overwriting grains that exist appends new
     compressed copies; the stream still ends in an end-of-stream
     marker and qemu-img reads the new data."""
@@ -267,7 +232,7 @@ def test_stream_optimized_rewrite_appends(tmp_path):
     expected = tmp_path / "expected.raw"
     to_raw(img, expected)
     before = img.stat().st_size
-    with Mount(tmp_path, img) as m:
+    with mounted(imgfs, img) as m:
         fd = os.open(m.path, os.O_RDWR)
         fe = os.open(expected, os.O_RDWR)
         for off in (0, 4096, 3 * MiB + 100):  # grains that exist
@@ -298,10 +263,10 @@ def gd_at_end_stream(tmp, src):
     return out
 
 
-def test_stream_gd_at_end_reads_and_refuses_writes(tmp_path):
+def test_stream_gd_at_end_reads_and_refuses_writes(imgfs, tmp_path):
     img = gd_at_end_stream(tmp_path, make_image(tmp_path, "streamOptimized"))
     ref = to_raw(img, tmp_path / "expected.raw")
-    with Mount(tmp_path, img) as m:
+    with mounted(imgfs, img) as m:
         assert read_all(m.path) == ref
         fd = os.open(m.path, os.O_RDWR | os.O_DIRECT)
         import mmap
@@ -352,7 +317,7 @@ def cowd_grains(seed, capacity, grain, count=12):
             for g in rnd.sample(range(n), count)}
 
 
-def test_cowd_standalone_read_only(tmp_path):
+def test_cowd_standalone_read_only(imgfs, tmp_path):
     cap, grain = 16384, 1  # 8 MiB in 512-byte grains: 4 grain tables
     img = tmp_path / "redo.vmdk"
     grains = cowd_grains(1, cap, grain)
@@ -365,7 +330,7 @@ def test_cowd_standalone_read_only(tmp_path):
     # (qemu-img cannot open a bare COWD file -- it looks for a CID in
     # it -- so the oracle is the construction; the vmfsSparse test below
     # has qemu-img read the same kind of extent through a descriptor.)
-    with Mount(tmp_path, img) as m:
+    with mounted(imgfs, img) as m:
         assert read_all(m.path) == bytes(expected)
         fd = os.open(m.path, os.O_WRONLY)
         with pytest.raises(OSError) as ei:
@@ -377,7 +342,7 @@ def test_cowd_standalone_read_only(tmp_path):
     assert info["extent.0.kind"] == "COWD sparse"
 
 
-def test_vmfs_and_vmfs_sparse_descriptors(tmp_path):
+def test_vmfs_and_vmfs_sparse_descriptors(imgfs, tmp_path):
     cap = 4096  # 2 MiB
     flat = tmp_path / "disk-flat.vmdk"
     run("qemu-img", "create", "-f", "raw", flat, cap * 512)
@@ -398,20 +363,20 @@ def test_vmfs_and_vmfs_sparse_descriptors(tmp_path):
     for name in ("vmfs.vmdk", "vmfssparse.vmdk"):
         img = tmp_path / name
         ref = to_raw(img, tmp_path / "ref.raw")
-        with Mount(tmp_path, img) as m:
+        with mounted(imgfs, img) as m:
             assert read_all(m.path) == ref, name
     # vmfs is writable; vmfsSparse (COWD) is read only.
     img = tmp_path / "vmfs.vmdk"
     expected = tmp_path / "expected.raw"
     to_raw(img, expected)
-    with Mount(tmp_path, img) as m:
+    with mounted(imgfs, img) as m:
         random_writes(m.path, expected, cap * 512, seed=3, count=10)
     assert flat.read_bytes() == expected.read_bytes()
 
 
 # ---- hand-written multi-extent layouts ----------------------------------
 
-def test_mixed_rw_extents_match_qemu(tmp_path):
+def test_mixed_rw_extents_match_qemu(imgfs, tmp_path):
     """FLAT at an offset, SPARSE, ZERO-free all-RW layout: qemu-img and
     imgfs agree byte for byte, before and after writes."""
     f1 = tmp_path / "a-flat.bin"
@@ -430,7 +395,7 @@ def test_mixed_rw_extents_match_qemu(tmp_path):
     expected = tmp_path / "expected.raw"
     ref = to_raw(img, expected)
     assert len(ref) == 11264 * 512
-    with Mount(tmp_path, img) as m:
+    with mounted(imgfs, img) as m:
         assert read_all(m.path) == ref
         random_writes(m.path, expected, len(ref), seed=9, count=30)
         assert read_all(m.path) == expected.read_bytes()
@@ -438,7 +403,7 @@ def test_mixed_rw_extents_match_qemu(tmp_path):
                expected).returncode == 0
 
 
-def test_access_modes_rdonly_noaccess_zero(tmp_path):
+def test_access_modes_rdonly_noaccess_zero(imgfs, tmp_path):
     """Each extent keeps its place; RDONLY refuses writes (EROFS),
     NOACCESS fails (EIO), ZERO reads zeros and refuses writes."""
     rw = tmp_path / "rw.bin"
@@ -460,7 +425,7 @@ def test_access_modes_rdonly_noaccess_zero(tmp_path):
     img = tmp_path / "layout.vmdk"
     ro_before = ro.read_bytes()
     sp_before = sp.read_bytes()
-    with Mount(tmp_path, img) as m:
+    with mounted(imgfs, img) as m:
         assert os.path.getsize(m.path) == 6 * MiB
         assert pread(m.path, 0, MiB) == b"\x01" * MiB
         assert pread(m.path, MiB, MiB) == b"\x02" * MiB
@@ -500,7 +465,7 @@ def test_access_modes_rdonly_noaccess_zero(tmp_path):
     assert info["extent.4.kind"] == "sparse"
 
 
-def test_delta_disk_with_parent(tmp_path):
+def test_delta_disk_with_parent(imgfs, tmp_path):
     base = tmp_path / "base.vmdk"
     run("qemu-img", "create", "-f", "vmdk", base, 8 * MiB)
     qemu_io(base, "write -P 0x41 0 4M", "write -P 0x42 6M 100k")
@@ -510,7 +475,7 @@ def test_delta_disk_with_parent(tmp_path):
     qemu_io(child, "write -P 0x51 1M 64k", "write -P 0x52 6M 5k")
     expected = tmp_path / "expected.raw"
     ref = to_raw(child, expected)
-    with Mount(tmp_path, child) as m:
+    with mounted(imgfs, child) as m:
         assert read_all(m.path) == ref
         random_writes(m.path, expected, 8 * MiB, seed=11, count=30)
         assert read_all(m.path) == expected.read_bytes()
@@ -529,7 +494,7 @@ def test_delta_disk_with_parent(tmp_path):
     assert "child.vmdk" in msg and "base.vmdk" in msg and "CID" in msg
 
 
-def test_hand_written_delta_descriptor(tmp_path):
+def test_hand_written_delta_descriptor(imgfs, tmp_path):
     """A descriptor file written by hand: two sparse extents, a parent in
     another directory named relative to the descriptor's directory."""
     (tmp_path / "base").mkdir()
@@ -556,7 +521,7 @@ def test_hand_written_delta_descriptor(tmp_path):
     assert ref[:64 * 1024] == b"\x71" * 65536
     assert ref[64 * 1024:72 * 1024] == b"\x72" * 8192
     assert ref[2 * MiB + 512 * 1024:2 * MiB + 612 * 1024] == b"\x73" * 102400
-    with Mount(tmp_path, img) as m:
+    with mounted(imgfs, img) as m:
         assert read_all(m.path) == ref
         random_writes(m.path, expected, 4 * MiB, seed=12, count=20)
         assert read_all(m.path) == expected.read_bytes()
@@ -567,10 +532,10 @@ def test_hand_written_delta_descriptor(tmp_path):
     assert info["format-specific"]["extents"] == 2
 
 
-def test_first_write_marks_unclean_and_changes_cid(tmp_path):
+def test_first_write_marks_unclean_and_changes_cid(imgfs, tmp_path):
     img = make_image(tmp_path, "monolithicSparse", 4 * MiB, ["write 0 4k"])
     cid0 = imgfs_info(img)["format-specific"]["cid"]
-    with Mount(tmp_path, img) as m:
+    with mounted(imgfs, img) as m:
         fd = os.open(m.path, os.O_RDWR)
         os.pwrite(fd, b"q" * 4096, 8192)
         os.fsync(fd)
@@ -619,13 +584,13 @@ def test_malformed_header_is_a_mount_error(tmp_path, what, off, data, msg):
     assert "drive 'd'" in err and str(img) in err and msg in err, err
 
 
-def test_damaged_gd_uses_redundant_copy(tmp_path):
+def test_damaged_gd_uses_redundant_copy(imgfs, tmp_path):
     img = sparse_with_data(tmp_path)
     ref = to_raw(img, tmp_path / "ref.raw")
     d = img.read_bytes()
     gd = struct.unpack_from("<Q", d, 56)[0] * 512
     patch(img, gd, struct.pack("<I", 0x7fffffff))
-    with Mount(tmp_path, img) as m:
+    with mounted(imgfs, img) as m:
         assert read_all(m.path) == ref
         assert "redundant grain directory" in m.logtext()
         fd = os.open(m.path, os.O_WRONLY)
@@ -639,7 +604,7 @@ def test_damaged_gd_uses_redundant_copy(tmp_path):
     assert "points outside the file" in mount_error(tmp_path, img)
 
 
-def test_zeroed_grain_entries(tmp_path):
+def test_zeroed_grain_entries(imgfs, tmp_path):
     img = sparse_with_data(tmp_path)
     patch(img, gt_entry_offset(img, 1), struct.pack("<I", 1))
     rgd_img = img.read_bytes()
@@ -647,7 +612,7 @@ def test_zeroed_grain_entries(tmp_path):
     rgt = struct.unpack_from("<I", rgd_img, rgd)[0] * 512
     patch(img, rgt + 4, struct.pack("<I", 1))
     # Without the zeroed-grain flag, entry 1 is corruption: EIO + log.
-    with Mount(tmp_path, img) as m:
+    with mounted(imgfs, img) as m:
         assert pread(m.path, 0, 65536) == b"\x31" * 65536
         with pytest.raises(OSError) as ei:
             pread(m.path, 65536, 4096)
@@ -658,14 +623,14 @@ def test_zeroed_grain_entries(tmp_path):
     patch(img, 8, struct.pack("<I", flags | 4))
     ref = to_raw(img, tmp_path / "ref.raw")
     assert ref[65536:131072] == bytes(65536)
-    with Mount(tmp_path, img) as m:
+    with mounted(imgfs, img) as m:
         assert read_all(m.path) == ref
 
 
-def test_corrupt_grain_pointers_give_eio(tmp_path):
+def test_corrupt_grain_pointers_give_eio(imgfs, tmp_path):
     img = sparse_with_data(tmp_path)
     patch(img, gt_entry_offset(img, 32), struct.pack("<I", 0x00ffffff))
-    with Mount(tmp_path, img) as m:
+    with mounted(imgfs, img) as m:
         assert pread(m.path, 0, 4096) == b"\x31" * 4096
         with pytest.raises(OSError) as ei:
             pread(m.path, 2 * MiB, 4096)
@@ -673,13 +638,13 @@ def test_corrupt_grain_pointers_give_eio(tmp_path):
         assert "past the end of the file" in m.logtext()
 
 
-def test_corrupt_compressed_grain_gives_eio(tmp_path):
+def test_corrupt_compressed_grain_gives_eio(imgfs, tmp_path):
     img = make_image(tmp_path, "streamOptimized", 4 * MiB,
                      ["write -P 0x44 0 64k", "write -P 0x45 1M 64k"])
     host = struct.unpack_from("<I", img.read_bytes(),
                               gt_entry_offset(img, 16))[0] * 512
     patch(img, host + 12, b"\xde\xad\xbe\xef" * 8)
-    with Mount(tmp_path, img) as m:
+    with mounted(imgfs, img) as m:
         assert pread(m.path, 0, 4096) == b"\x44" * 4096
         with pytest.raises(OSError) as ei:
             pread(m.path, MiB, 4096)
@@ -687,11 +652,11 @@ def test_corrupt_compressed_grain_gives_eio(tmp_path):
         assert "inflate" in m.logtext()
 
 
-def test_unclean_shutdown_flag_is_reported(tmp_path):
+def test_unclean_shutdown_flag_is_reported(imgfs, tmp_path):
     img = sparse_with_data(tmp_path)
     ref = to_raw(img, tmp_path / "ref.raw")
     patch(img, 72, b"\x01")
-    with Mount(tmp_path, img) as m:
+    with mounted(imgfs, img) as m:
         assert read_all(m.path) == ref
         assert "unclean-shutdown" in m.logtext()
     assert imgfs_info(img)["format-specific"][
@@ -741,13 +706,13 @@ def test_info_reports_subformat_and_extents(tmp_path):
 
 @pytest.mark.parametrize("subformat", ["monolithicSparse",
                                        "streamOptimized"])
-def test_fio_verify_qd32(tmp_path, subformat):
+def test_fio_verify_qd32(imgfs, tmp_path, subformat):
     """fio async O_DIRECT writes at iodepth 32 with crc32c verify: grains
     allocated (and, for streamOptimized, appended) concurrently."""
     if not shutil.which("fio"):
         pytest.skip("fio not installed")
     img = make_image(tmp_path, subformat, 64 * MiB, ["write -P 1 0 8M"])
-    with Mount(tmp_path, img, ["cache = none"]) as m:
+    with mounted(imgfs, img, {"cache": "none"}) as m:
         for eng in ("io_uring", "libaio"):
             r = subprocess.run(
                 ["fio", "--name=v-" + eng, "--filename=%s" % m.path,
