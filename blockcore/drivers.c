@@ -9,9 +9,11 @@
 
 extern const BlockDriver bdrv_file;
 extern const BlockDriver bdrv_raw;
+extern const BlockDriver bdrv_vmdk;
 
 static const BlockDriver *const bdrv_drivers[] = {
     &bdrv_raw,
+    &bdrv_vmdk,
     &bdrv_file,
     NULL,
 };
