@@ -19,6 +19,7 @@
 #include <unistd.h>
 
 #include "blockcore/driver.h"
+#include "blockcore/linux-aio.h"
 #include "blockcore/log.h"
 #include "blockcore/thread-pool.h"
 #include "blockcore/uring.h"
@@ -26,12 +27,16 @@
 typedef struct FileState {
     int fd;
     AioUring *uring; /* aio=io_uring: this event loop's ring */
+    LinuxAio *laio;  /* aio=native: this event loop's AIO context */
     bool is_bdev;
     uint32_t dio_align;     /* O_DIRECT offset/length alignment */
     uint32_t dio_mem_align; /* O_DIRECT buffer alignment */
     bool no_punch_hole;     /* fallocate modes found unsupported */
     bool no_zero_range;
     bool no_seek_data;
+    bool locked; /* counted in locked_files */
+    dev_t lock_dev;
+    ino_t lock_ino;
 } FileState;
 
 /* One system call for the worker pool. */
@@ -253,7 +258,111 @@ static int file_byte_locked(int fd, off_t off, bool *locked)
     return 0;
 }
 
+/*
+ * Files this process has locked.  OFD locks cannot tell our own other
+ * open files from another process's, so the same file opened twice by
+ * one drive (a vmdk descriptor listing two extents of one file) would
+ * conflict with itself: such reopens are counted here instead.  Two
+ * drives of one mount writing the same image are refused as two
+ * processes would be.
+ */
+typedef struct LockedFile {
+    dev_t dev;
+    ino_t ino;
+    char *drive;
+    bool write;
+    int count;
+} LockedFile;
+
+static int file_lock_bytes(FileState *s, const char *filename, int flags,
+                           GError **errp);
+
+static GMutex locked_files_lock;
+static GList *locked_files; /* LockedFile *, protected by locked_files_lock */
+
+static LockedFile *locked_file_find(dev_t dev, ino_t ino)
+{
+    GList *l;
+
+    for (l = locked_files; l; l = l->next) {
+        LockedFile *lf = l->data;
+
+        if (lf->dev == dev && lf->ino == ino) {
+            return lf;
+        }
+    }
+    return NULL;
+}
+
+static void locked_file_put(FileState *s)
+{
+    LockedFile *lf;
+
+    if (!s->locked) {
+        return;
+    }
+    g_mutex_lock(&locked_files_lock);
+    lf = locked_file_find(s->lock_dev, s->lock_ino);
+    if (lf && --lf->count == 0) {
+        locked_files = g_list_remove(locked_files, lf);
+        g_free(lf->drive);
+        g_free(lf);
+    }
+    g_mutex_unlock(&locked_files_lock);
+    s->locked = false;
+}
+
 static int file_lock_image(FileState *s, const char *filename, int flags,
+                           const char *drive, GError **errp)
+{
+    struct stat st;
+    LockedFile *lf;
+    int ret;
+
+    if ((flags & BDRV_O_NO_LOCK) || (flags & BDRV_O_FORCE_SHARE) ||
+        fstat(s->fd, &st) < 0) {
+        return 0;
+    }
+    g_mutex_lock(&locked_files_lock);
+    lf = locked_file_find(st.st_dev, st.st_ino);
+    if (lf) {
+        bool write = flags & BDRV_O_RDWR;
+
+        if (g_strcmp0(lf->drive, drive) && (write || lf->write)) {
+            g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_PERM,
+                        "image '%s' is in use: drive '%s' of this mount "
+                        "has it open%s (locking)",
+                        filename, lf->drive ? lf->drive : "?",
+                        lf->write ? " for writing" : "");
+            g_mutex_unlock(&locked_files_lock);
+            return -EBUSY;
+        }
+        lf->count++;
+        lf->write |= write;
+        g_mutex_unlock(&locked_files_lock);
+        s->locked = true;
+        s->lock_dev = st.st_dev;
+        s->lock_ino = st.st_ino;
+        return 0;
+    }
+    ret = file_lock_bytes(s, filename, flags, errp);
+    if (ret == 0) {
+        lf = g_new0(LockedFile, 1);
+        lf->dev = st.st_dev;
+        lf->ino = st.st_ino;
+        lf->drive = g_strdup(drive);
+        lf->write = flags & BDRV_O_RDWR;
+        lf->count = 1;
+        locked_files = g_list_prepend(locked_files, lf);
+        s->locked = true;
+        s->lock_dev = st.st_dev;
+        s->lock_ino = st.st_ino;
+    }
+    g_mutex_unlock(&locked_files_lock);
+    return ret;
+}
+
+static int file_lock_bytes(FileState *s, const char *filename, int flags,
                            GError **errp)
 {
     unsigned perm = 1u << PERM_CONSISTENT_READ;
@@ -373,7 +482,7 @@ static int coroutine_fn file_co_open(BlockDriverState *bs, GHashTable *opts,
         return (int)len;
     }
     bs->total_bytes = len;
-    if (file_lock_image(s, filename, flags, errp) < 0) {
+    if (file_lock_image(s, filename, flags, bs->drive_name, errp) < 0) {
         close(s->fd);
         return -EBUSY;
     }
@@ -389,6 +498,13 @@ static int coroutine_fn file_co_open(BlockDriverState *bs, GHashTable *opts,
             log_warning("%s: %s; using aio=threads", filename, err->message);
             g_error_free(err);
         }
+    } else if (flags & BDRV_O_AIO_NATIVE) {
+        s->laio = linux_aio_get(bs->ctx, errp);
+        if (!s->laio) {
+            locked_file_put(s);
+            close(s->fd);
+            return -ENOTSUP;
+        }
     }
     return 0;
 }
@@ -397,6 +513,7 @@ static void coroutine_fn file_co_close(BlockDriverState *bs)
 {
     FileState *s = bs->opaque;
 
+    locked_file_put(s);
     close(s->fd);
 }
 
@@ -439,6 +556,9 @@ static int coroutine_fn file_co_rw(BlockDriverState *bs, int type,
     iov_concat(&part, qiov, qoff, bytes);
     if (s->uring) {
         ret = aio_uring_co_rw(s->uring, type == FILE_JOB_WRITE, s->fd, part.iov,
+                              part.niov, offset, bytes, rwflags);
+    } else if (s->laio) {
+        ret = linux_aio_co_rw(s->laio, type == FILE_JOB_WRITE, s->fd, part.iov,
                               part.niov, offset, bytes, rwflags);
     } else {
         job.iov = part.iov;
