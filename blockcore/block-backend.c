@@ -38,6 +38,7 @@ struct BlockBackend {
      * the queue belongs to the drive's context. */
     GMutex stop_lock;
     bool stopped;
+    bool aborting; /* closing: held requests fail instead of retrying */
     char *stop_reason;
     CoQueue resume_queue;
 
@@ -59,7 +60,9 @@ enum {
 };
 static const char *const aio_modes[] = {"threads", "io_uring", "native", NULL};
 static const char *const detect_zeroes_modes[] = {"off", "on", "unmap", NULL};
-static const char *const discard_modes[] = {"ignore", "unmap", NULL};
+/* "off" and "on" are QEMU's old spellings of ignore and unmap. */
+static const char *const discard_modes[] = {"ignore", "unmap", "off", "on",
+                                            NULL};
 static const char *const werror_modes[] = {"report", "ignore", "enospc", "stop",
                                            NULL};
 static const char *const rerror_modes[] = {"report", "ignore", "stop", NULL};
@@ -335,7 +338,7 @@ int blk_options_set(BlockBackendOptions *o, const char *key, const char *value,
     } else if (!strcmp(key, "detect-zeroes")) {
         o->detect_zeroes = opt_parse_enum(value, detect_zeroes_modes);
     } else if (!strcmp(key, "discard")) {
-        o->discard_unmap = opt_parse_enum(value, discard_modes) == 1;
+        o->discard_unmap = opt_parse_enum(value, discard_modes) % 2 == 1;
     } else if (!strcmp(key, "werror")) {
         o->werror = opt_parse_enum(value, werror_modes);
     } else if (!strcmp(key, "rerror")) {
@@ -661,6 +664,22 @@ BlockBackend *blk_open(const char *name, const BlockBackendOptions *opts,
     return blk;
 }
 
+static void blk_abort_held_in_ctx(void *opaque)
+{
+    BlockBackend *blk = opaque;
+
+    g_mutex_lock(&blk->stop_lock);
+    blk->aborting = true;
+    blk->stopped = false;
+    g_mutex_unlock(&blk->stop_lock);
+    co_queue_restart_all(&blk->resume_queue);
+}
+
+void blk_abort_held(BlockBackend *blk)
+{
+    aio_run_sync(blk->ctx, blk_abort_held_in_ctx, blk);
+}
+
 typedef struct BlkCloseData {
     BlockBackend *blk;
     int ret;
@@ -672,10 +691,7 @@ static void coroutine_fn blk_co_close_entry(void *opaque)
     BlockBackend *blk = d->blk;
 
     /* Held requests cannot be retried any more: let them fail. */
-    g_mutex_lock(&blk->stop_lock);
-    blk->stopped = false;
-    g_mutex_unlock(&blk->stop_lock);
-    co_queue_restart_all(&blk->resume_queue);
+    blk_abort_held_in_ctx(blk);
     blk_co_drain(blk);
     d->ret = bdrv_co_flush(blk->root.bs);
     bdrv_co_close_root(blk->root.bs);
@@ -863,7 +879,7 @@ static void blk_stop(BlockBackend *blk, BlkRequest *r, int ret)
     static const char *const what[] = {"read", "write", "write", "flush"};
 
     g_mutex_lock(&blk->stop_lock);
-    if (!blk->stopped) {
+    if (!blk->stopped && !blk->aborting) {
         blk->stopped = true;
         g_free(blk->stop_reason);
         blk->stop_reason =
@@ -882,9 +898,16 @@ static void blk_stop(BlockBackend *blk, BlkRequest *r, int ret)
 static int coroutine_fn blk_co_request(BlockBackend *blk, BlkRequest *r)
 {
     static const BlockAcctType acct[] = {BLOCK_ACCT_READ, BLOCK_ACCT_WRITE,
-                                         BLOCK_ACCT_DISCARD, BLOCK_ACCT_FLUSH};
+                                         BLOCK_ACCT_WRITE, BLOCK_ACCT_FLUSH};
     int64_t start = aio_clock_ns();
+    BlockAcctType type = acct[r->type];
     int ret;
+
+    /* Punching a hole is a discard; zeroing a range (keeping it
+     * allocated) is a write, as QEMU counts it. */
+    if (r->type == BLK_ZEROES && r->unmap) {
+        type = BLOCK_ACCT_DISCARD;
+    }
 
     blk_inc_in_flight(blk);
     blk_co_wait_while_stopped(blk);
@@ -898,13 +921,17 @@ static int coroutine_fn blk_co_request(BlockBackend *blk, BlkRequest *r)
         }
         switch (blk_error_policy(blk, r, ret)) {
         case BLOCK_ERROR_IGNORE:
+            /* Never hand out what the buffer held before. */
+            if (r->type == BLK_READ) {
+                iov_memset(r->qiov, 0, 0, r->bytes);
+            }
             ret = 0;
             break;
         case BLOCK_ERROR_STOP:
             blk_stop(blk, r, ret);
             blk_co_wait_while_stopped(blk);
-            if (!blk->root.bs) {
-                break; /* closing */
+            if (blk->aborting) {
+                break; /* closing: fail with the error */
             }
             continue;
         default:
@@ -912,8 +939,7 @@ static int coroutine_fn blk_co_request(BlockBackend *blk, BlkRequest *r)
         }
         break;
     }
-    block_stats_account(&blk->stats, acct[r->type],
-                        r->type == BLK_FLUSH ? 0 : r->bytes,
+    block_stats_account(&blk->stats, type, r->type == BLK_FLUSH ? 0 : r->bytes,
                         aio_clock_ns() - start, ret);
     blk_dec_in_flight(blk);
     return ret;

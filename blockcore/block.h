@@ -154,6 +154,8 @@ void coroutine_fn blk_co_drain(BlockBackend *blk);
 bool blk_is_stopped(BlockBackend *blk, char **reason);
 /* Retry the held requests.  Any thread. */
 void blk_resume(BlockBackend *blk);
+/* Fail the held requests and stop holding (at unmount).  Any thread. */
+void blk_abort_held(BlockBackend *blk);
 /*
  * Everything "imgfs status" shows about the drive, as a JSON object:
  * state, options in effect, image chain, statistics.  Any thread (runs

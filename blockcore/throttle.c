@@ -13,6 +13,13 @@ const char *const throttle_limit_names[THROTTLE_LIMIT_MAX] = {
     "iops-total", "iops-read", "iops-write",
 };
 
+/* A request waiting its turn in a group (on the waiter's stack). */
+typedef struct ThrottleWaiter ThrottleWaiter;
+struct ThrottleWaiter {
+    Coroutine *co;
+    ThrottleWaiter *next;
+};
+
 typedef struct ThrottleBucket {
     double level;       /* units above empty */
     double burst_level; /* units in the burst-rate bucket */
@@ -25,6 +32,10 @@ struct ThrottleGroup {
     ThrottleConfig cfg;
     ThrottleBucket buckets[THROTTLE_LIMIT_MAX]; /* protected by lock */
     int64_t last_ns;                            /* protected by lock */
+    /* Waiting requests per direction, served in arrival order across
+     * the group's members (each member queues at most one at a time). */
+    ThrottleWaiter *head[2]; /* protected by lock */
+    ThrottleWaiter *tail[2]; /* protected by lock */
 };
 
 static GMutex throttle_groups_lock;
@@ -82,17 +93,17 @@ bool throttle_config_check(const ThrottleConfig *cfg, GError **errp)
             return false;
         }
     }
-    if ((cfg->avg[THROTTLE_BPS_TOTAL] > 0 &&
-         (cfg->avg[THROTTLE_BPS_READ] > 0 ||
-          cfg->avg[THROTTLE_BPS_WRITE] > 0)) ||
-        (cfg->avg[THROTTLE_IOPS_TOTAL] > 0 &&
-         (cfg->avg[THROTTLE_IOPS_READ] > 0 ||
-          cfg->avg[THROTTLE_IOPS_WRITE] > 0))) {
-        g_set_error(errp, G_KEY_FILE_ERROR, G_KEY_FILE_ERROR_INVALID_VALUE,
-                    "a total limit (throttling.bps-total, "
-                    "throttling.iops-total) cannot be combined with a "
-                    "read or write limit of the same kind");
-        return false;
+    for (i = THROTTLE_BPS_READ; i < THROTTLE_LIMIT_MAX; i++) {
+        int total =
+            i < THROTTLE_IOPS_TOTAL ? THROTTLE_BPS_TOTAL : THROTTLE_IOPS_TOTAL;
+
+        if (i != total && cfg->avg[i] > 0 && cfg->avg[total] > 0) {
+            g_set_error(errp, G_KEY_FILE_ERROR, G_KEY_FILE_ERROR_INVALID_VALUE,
+                        "key 'throttling.%s' cannot be combined with "
+                        "'throttling.%s'",
+                        throttle_limit_names[i], throttle_limit_names[total]);
+            return false;
+        }
     }
     return true;
 }
@@ -274,33 +285,65 @@ static void throttle_charge(ThrottleGroup *g, bool is_write, uint64_t bytes)
     }
 }
 
+/*
+ * A request waits for its member's turn (the member lock keeps one
+ * member's requests in order), then for the group's: requests of all
+ * members queue in arrival order, and only the first one sleeps until
+ * the buckets allow it.  So members of a group take turns instead of
+ * the quickest to wake taking everything.  A member in another event
+ * loop is woken with aio_co_wake(), which is thread-safe.
+ */
 void coroutine_fn throttle_co_wait(ThrottleMember *m, bool is_write,
                                    uint64_t bytes)
 {
     ThrottleGroup *g = m->group;
+    ThrottleWaiter self = {.co = co_self()};
 
     if (!g) {
         return;
     }
     co_mutex_lock(&m->lock[is_write]);
+    g_mutex_lock(&g->lock);
+    if (!throttle_config_enabled(&g->cfg)) {
+        goto out_unlock;
+    }
+    throttle_leak(g, aio_clock_ns());
+    if (!g->head[is_write] && throttle_compute_wait(g, is_write) == 0) {
+        throttle_charge(g, is_write, bytes);
+        goto out_unlock;
+    }
+
+    /* Queue up; the request ahead wakes us when we are first. */
+    if (g->tail[is_write]) {
+        g->tail[is_write]->next = &self;
+        g->tail[is_write] = &self;
+        g_mutex_unlock(&g->lock);
+        co_yield ();
+        g_mutex_lock(&g->lock);
+    } else {
+        g->head[is_write] = g->tail[is_write] = &self;
+    }
     for (;;) {
         int64_t wait;
 
-        g_mutex_lock(&g->lock);
-        if (!throttle_config_enabled(&g->cfg)) {
-            g_mutex_unlock(&g->lock);
-            break;
-        }
         throttle_leak(g, aio_clock_ns());
         wait = throttle_compute_wait(g, is_write);
-        if (wait == 0) {
-            throttle_charge(g, is_write, bytes);
-        }
-        g_mutex_unlock(&g->lock);
-        if (wait == 0) {
+        if (wait == 0 || !throttle_config_enabled(&g->cfg)) {
             break;
         }
+        g_mutex_unlock(&g->lock);
         co_sleep_ns(wait);
+        g_mutex_lock(&g->lock);
     }
+    throttle_charge(g, is_write, bytes);
+    g->head[is_write] = self.next;
+    if (!self.next) {
+        g->tail[is_write] = NULL;
+    } else {
+        aio_co_wake(self.next->co);
+    }
+
+out_unlock:
+    g_mutex_unlock(&g->lock);
     co_mutex_unlock(&m->lock[is_write]);
 }

@@ -74,7 +74,7 @@ static void control_status(IfsControl *ctl, GString *out)
     g_string_append(out, "{\"return\": {\"mountpoint\": ");
     json_append_string(out, m->mountpoint);
     g_string_append(out, ", \"config\": ");
-    json_append_string(out, m->cfg->path);
+    json_append_string(out, m->cfg->abs_path);
     g_string_append_printf(out, ", \"iothreads\": %u, \"pid\": %d", m->nthreads,
                            (int)getpid());
     g_string_append(out, ", \"drives\": [");

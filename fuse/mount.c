@@ -820,6 +820,14 @@ static int ifs_shutdown(IfsMount *m)
         }
     }
     __atomic_store_n(&m->exiting, 1, __ATOMIC_SEQ_CST);
+    /* Requests held by werror/rerror=stop would never finish. */
+    g_rw_lock_reader_lock(&m->lock);
+    for (i = 0; i < m->drives->len; i++) {
+        IfsDrive *d = g_ptr_array_index(m->drives, i);
+
+        blk_abort_held(d->blk);
+    }
+    g_rw_lock_reader_unlock(&m->lock);
     g_mutex_lock(&m->drain_lock);
     while (__atomic_load_n(&m->inflight, __ATOMIC_SEQ_CST) > 0) {
         g_cond_wait_until(&m->drain_cond, &m->drain_lock,
@@ -922,6 +930,16 @@ int ifs_mount_main(IfsConfig *cfg, const char *mountpoint, bool foreground,
     if (!ifs_open_drives(m)) {
         goto out_shutdown;
     }
+    /* The socket answers as soon as the mount appears (requests wait in
+     * its backlog until the main loop runs). */
+    m->control_path = cfg->control ? g_strdup(cfg->control)
+                                   : ifs_control_default_path(m->mountpoint);
+    m->control = ifs_control_start(m, m->control_path, &err);
+    if (!m->control) {
+        log_error("%s", err->message);
+        g_error_free(err);
+        goto out_shutdown;
+    }
     m->se = ifs_session_new(m, &err);
     if (!m->se) {
         log_error("%s", err->message);
@@ -945,14 +963,6 @@ int ifs_mount_main(IfsConfig *cfg, const char *mountpoint, bool foreground,
         }
     }
 
-    m->control_path = cfg->control ? g_strdup(cfg->control)
-                                   : ifs_control_default_path(m->mountpoint);
-    m->control = ifs_control_start(m, m->control_path, &err);
-    if (!m->control) {
-        log_error("%s", err->message);
-        g_error_free(err);
-        goto out_shutdown;
-    }
     m->loop = g_main_loop_new(NULL, FALSE);
     g_unix_signal_add(SIGTERM, ifs_signal_cb, m);
     g_unix_signal_add(SIGINT, ifs_signal_cb, m);

@@ -352,12 +352,15 @@ static void coroutine_fn ifs_co_write(void *opaque)
     IOVector qiov;
     int ret;
 
-    if (r->offset >= len) {
-        ifs_reply_err(r, ENOSPC);
+    if (n == 0) {
+        ifs_reply_to(r);
+        fuse_reply_write(r->req, 0);
         goto out;
     }
-    /* A write running past the end is short, like on a block device. */
-    if (n > len - r->offset) {
+    /* A write running past the end is short, like on a block device; one
+     * starting past it gets ENOSPC from the drive (an invalid request in
+     * its statistics). */
+    if (r->offset < len && n > len - r->offset) {
         n = len - r->offset;
     }
     iov_init_buf(&qiov, (void *)r->data, n);
