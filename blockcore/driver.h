@@ -278,6 +278,7 @@ struct BlockDriverState {
     /* Request tracking (io.c). */
     BdrvTrackedList tracked_requests;
     int in_flight;
+    int serialising_in_flight;
     uint64_t write_gen;   /* bumped by every write */
     uint64_t flushed_gen; /* write_gen at the last completed flush */
     bool flush_running;
