@@ -10,10 +10,12 @@
 extern const BlockDriver bdrv_file;
 extern const BlockDriver bdrv_raw;
 extern const BlockDriver bdrv_qcow2;
+extern const BlockDriver bdrv_vmdk;
 
 static const BlockDriver *const bdrv_drivers[] = {
     &bdrv_raw,
     &bdrv_qcow2,
+    &bdrv_vmdk,
     &bdrv_file,
     NULL,
 };
