@@ -9,10 +9,16 @@
 
 extern const BlockDriver bdrv_file;
 extern const BlockDriver bdrv_raw;
+#ifdef CONFIG_RBD
+extern const BlockDriver bdrv_rbd;
+#endif
 
 static const BlockDriver *const bdrv_drivers[] = {
     &bdrv_raw,
     &bdrv_file,
+#ifdef CONFIG_RBD
+    &bdrv_rbd,
+#endif
     NULL,
 };
 
