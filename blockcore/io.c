@@ -87,7 +87,8 @@ static void tracked_request_set_serialising(BdrvTrackedRequest *req,
                                             int64_t align)
 {
     int64_t start = ALIGN_DOWN(req->offset, align);
-    int64_t end = req->bytes > INT64_MAX - req->offset
+    /* ALIGN_UP computes offset + bytes + align first: keep it in range. */
+    int64_t end = req->bytes >= INT64_MAX - req->offset - (align - 1)
                       ? INT64_MAX
                       : ALIGN_UP(req->offset + req->bytes, align);
 
