@@ -42,6 +42,7 @@
 #include <errno.h>
 #include <inttypes.h>
 #include <limits.h>
+#include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -349,8 +350,35 @@ typedef struct DrvRbdConnect {
     /* the timeouts in effect (rbd.option.* may override rbd.timeout) */
     double mount_timeout;
     double op_timeout;
-    char *error; /* what failed, without the errno text */
+    /* what failed, a complete phrase */
+    char *error;
 } DrvRbdConnect;
+
+/*
+ * Record why connecting failed: @what, then the reason (@ret; a timeout
+ * says how long we waited).  Returns @ret.
+ */
+static int drv_rbd_fail(DrvRbdConnect *c, int ret, double timeout,
+                        const char *fmt, ...) __attribute__((format(printf, 4, 5)));
+
+static int drv_rbd_fail(DrvRbdConnect *c, int ret, double timeout,
+                        const char *fmt, ...)
+{
+    g_autofree char *what = NULL;
+    va_list ap;
+
+    va_start(ap, fmt);
+    what = g_strdup_vprintf(fmt, ap);
+    va_end(ap);
+    if (ret == -ETIMEDOUT && timeout > 0) {
+        c->error = g_strdup_printf("%s: no answer from the cluster within "
+                                   "%g s",
+                                   what, timeout);
+    } else {
+        c->error = g_strdup_printf("%s: %s", what, g_strerror(-ret));
+    }
+    return ret;
+}
 
 static int drv_rbd_conf_set(DrvRbdConnect *c, const char *name,
                             const char *value, const char *origin)
@@ -360,11 +388,14 @@ static int drv_rbd_conf_set(DrvRbdConnect *c, const char *name,
     if (ret == -ENOENT) {
         c->error = g_strdup_printf("%s: '%s' is not a Ceph setting", origin,
                                    name);
-    } else if (ret < 0) {
-        c->error = g_strdup_printf("%s: cannot set '%s' to '%s'", origin,
-                                   name, value);
+        return -EINVAL;
     }
-    return ret;
+    if (ret < 0) {
+        c->error = g_strdup_printf("%s: invalid value '%s' for '%s'", origin,
+                                   value, name);
+        return -EINVAL;
+    }
+    return 0;
 }
 
 static double drv_rbd_conf_get_double(rados_t cluster, const char *name)
@@ -381,6 +412,8 @@ static int drv_rbd_connect_job(void *opaque)
 {
     DrvRbdConnect *c = opaque;
     const DrvRbdSpec *sp = c->spec;
+    const char *user = sp->user ? sp->user : "admin";
+    const char *conf = sp->conf ? sp->conf : "the default ceph.conf";
     g_autofree char *timeout = g_strdup_printf("%" PRIu64, sp->timeout);
     static const char *const timeouts[] = {
         "client_mount_timeout",
@@ -392,23 +425,22 @@ static int drv_rbd_connect_job(void *opaque)
 
     ret = rados_create(&c->cluster, sp->user);
     if (ret < 0) {
-        c->error = g_strdup_printf("cannot create a Ceph client for user "
-                                   "'%s'", sp->user ? sp->user : "admin");
         c->cluster = NULL;
-        return ret;
+        return drv_rbd_fail(c, ret, 0, "cannot create a Ceph client for "
+                                       "user '%s' (rbd.user)", user);
     }
     ret = rados_conf_read_file(c->cluster, sp->conf);
     if (ret < 0 && sp->conf) {
-        c->error = g_strdup_printf("cannot read Ceph configuration '%s'",
-                                   sp->conf);
-        return ret;
+        return drv_rbd_fail(c, ret, 0, "cannot read ceph.conf '%s' "
+                                       "(rbd.conf)", sp->conf);
     }
     /* No conf named and none found: rbd.option.mon_host and friends may
      * still be enough. */
-    if (sp->keyring &&
-        drv_rbd_conf_set(c, "keyring", sp->keyring, "key 'rbd.keyring'") <
-            0) {
-        return -EINVAL;
+    if (sp->keyring) {
+        ret = drv_rbd_conf_set(c, "keyring", sp->keyring, "key 'rbd.keyring'");
+        if (ret < 0) {
+            return ret;
+        }
     }
     for (i = 0; i < ARRAY_SIZE(timeouts); i++) {
         ret = drv_rbd_conf_set(c, timeouts[i], timeout, "key 'rbd.timeout'");
@@ -430,37 +462,38 @@ static int drv_rbd_connect_job(void *opaque)
                                sp->settings->pdata[i + 1],
                                sp->setting_keys->pdata[i / 2]);
         if (ret < 0) {
-            return -EINVAL;
+            return ret;
         }
     }
-
     c->mount_timeout = drv_rbd_conf_get_double(c->cluster,
                                                "client_mount_timeout");
     c->op_timeout = drv_rbd_conf_get_double(c->cluster,
                                             "rados_osd_op_timeout");
 
     ret = rados_connect(c->cluster);
+    if (ret == -ENOENT) {
+        return drv_rbd_fail(c, ret, 0, "cannot connect to the Ceph cluster "
+                                       "(%s): no key for client.%s (rbd.user, "
+                                       "rbd.keyring)", conf, user);
+    }
+    if (ret == -EACCES || ret == -EPERM) {
+        return drv_rbd_fail(c, ret, 0, "cannot connect to the Ceph cluster "
+                                       "(%s): client.%s was refused "
+                                       "(rbd.user, rbd.keyring)", conf, user);
+    }
     if (ret < 0) {
-        if (ret == -ETIMEDOUT) {
-            c->error = g_strdup_printf("cannot connect to the Ceph cluster "
-                                       "(%s): no answer within %g s",
-                                       sp->conf ? sp->conf : "default conf",
-                                       c->mount_timeout);
-        } else {
-            c->error = g_strdup_printf("cannot connect to the Ceph cluster "
-                                       "(%s) as client.%s",
-                                       sp->conf ? sp->conf : "default conf",
-                                       sp->user ? sp->user : "admin");
-        }
-        return ret;
+        return drv_rbd_fail(c, ret, c->mount_timeout,
+                            "cannot connect to the Ceph cluster (%s)", conf);
     }
     ret = rados_ioctx_create(c->cluster, sp->pool, &c->io);
     if (ret < 0) {
         c->io = NULL;
-        c->error = ret == -ENOENT
-                       ? g_strdup_printf("pool '%s' does not exist", sp->pool)
-                       : g_strdup_printf("cannot open pool '%s'", sp->pool);
-        return ret;
+        if (ret == -ENOENT) {
+            c->error = g_strdup_printf("pool '%s' does not exist", sp->pool);
+            return ret;
+        }
+        return drv_rbd_fail(c, ret, c->op_timeout, "cannot open pool '%s'",
+                            sp->pool);
     }
     rados_ioctx_set_namespace(c->io, sp->ns ? sp->ns : "");
 
@@ -482,7 +515,8 @@ static int drv_rbd_connect_job(void *opaque)
                                        sp->ns ? ", namespace " : "",
                                        sp->ns ? sp->ns : "");
         } else {
-            c->error = g_strdup_printf("cannot open image '%s'", sp->image);
+            drv_rbd_fail(c, ret, c->op_timeout, "cannot open image '%s'",
+                         sp->image);
         }
         return ret;
     }
@@ -497,10 +531,10 @@ static int drv_rbd_connect_job(void *opaque)
         ret = rbd_get_features(c->image, &c->features);
     }
     if (ret < 0) {
-        c->error = g_strdup_printf("cannot read the size of image '%s'",
-                                   sp->image);
+        return drv_rbd_fail(c, ret, c->op_timeout,
+                            "cannot read the size of image '%s'", sp->image);
     }
-    return ret;
+    return 0;
 }
 
 /* Tear down what drv_rbd_connect_job built; blocks, so on a worker. */
@@ -564,15 +598,8 @@ static int coroutine_fn drv_rbd_co_open(BlockDriverState *bs,
     if (ret < 0) {
         DrvRbdHandles h = {c.cluster, c.io, c.image};
 
-        if (ret == -ETIMEDOUT && c.error && !strstr(c.error, "no answer")) {
-            g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(-ret),
-                        "%s: %s: no answer from the cluster within %g s",
-                        desc, c.error, c.op_timeout);
-        } else {
-            g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(-ret),
-                        "%s: %s: %s", desc, c.error ? c.error : "cannot open",
-                        g_strerror(-ret));
-        }
+        g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(-ret),
+                    "%s: %s", desc, c.error ? c.error : g_strerror(-ret));
         g_free(c.error);
         thread_pool_co_run(drv_rbd_disconnect_job, &h);
         drv_rbd_spec_clear(&sp);
@@ -781,6 +808,15 @@ out:
     return drv_rbd_result(bs, op, offset, bytes, ret);
 }
 
+/* librbd calls the progress callback unconditionally: never pass NULL. */
+static int drv_rbd_no_progress(uint64_t done, uint64_t total, void *opaque)
+{
+    (void)done;
+    (void)total;
+    (void)opaque;
+    return 0;
+}
+
 static int drv_rbd_resize_job(void *opaque)
 {
     struct {
@@ -788,7 +824,8 @@ static int drv_rbd_resize_job(void *opaque)
         uint64_t size;
     } *job = opaque;
 
-    return rbd_resize2(job->image, job->size, true, NULL, NULL);
+    return rbd_resize2(job->image, job->size, true, drv_rbd_no_progress,
+                       NULL);
 }
 
 static int coroutine_fn drv_rbd_co_resize(DrvRbdState *s, uint64_t size)
