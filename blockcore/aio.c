@@ -60,10 +60,10 @@ struct AioContext {
     int notified; /* atomic: an eventfd write is not yet consumed */
 
     pthread_mutex_t lock;
-    AioBH *bh_head;        /* protected by lock */
-    AioBH *bh_tail;        /* protected by lock */
-    Coroutine *wake_head;  /* protected by lock */
-    Coroutine *wake_tail;  /* protected by lock */
+    AioBH *bh_head;       /* protected by lock */
+    AioBH *bh_tail;       /* protected by lock */
+    Coroutine *wake_head; /* protected by lock */
+    Coroutine *wake_tail; /* protected by lock */
 
     /* Owner thread only. */
     AioHandler *handlers;
@@ -106,8 +106,7 @@ AioContext *aio_context_new(const char *name, GError **errp)
     if (ctx->epfd < 0 || ctx->evfd < 0 ||
         epoll_ctl(ctx->epfd, EPOLL_CTL_ADD, ctx->evfd, &ev) < 0) {
         g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(errno),
-                    "cannot create event loop %s: %s", name,
-                    g_strerror(errno));
+                    "cannot create event loop %s: %s", name, g_strerror(errno));
         if (ctx->epfd >= 0) {
             close(ctx->epfd);
         }
@@ -474,7 +473,7 @@ void coroutine_fn co_sleep_ns(int64_t ns)
     AioTimer *t = aio_timer_new(co_get_ctx(self), co_sleep_cb, self);
 
     aio_timer_mod(t, aio_clock_ns() + ns);
-    co_yield();
+    co_yield ();
     aio_timer_free(t);
 }
 

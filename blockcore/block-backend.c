@@ -14,11 +14,9 @@
 #include "log.h"
 
 /* block.c */
-BlockDriverState *coroutine_fn bdrv_co_open_root(const char *filename,
-                                                 const char *format,
-                                                 GHashTable *opts, int flags,
-                                                 const char *drive,
-                                                 GError **errp);
+BlockDriverState *coroutine_fn
+bdrv_co_open_root(const char *filename, const char *format, GHashTable *opts,
+                  int flags, const char *drive, GError **errp);
 void coroutine_fn bdrv_co_close_root(BlockDriverState *bs);
 
 struct BlockBackend {
@@ -34,8 +32,13 @@ struct BlockBackend {
 static const char *const cache_modes[] = {
     "writeback", "none", "writethrough", "directsync", "unsafe", NULL,
 };
-enum { CACHE_WRITEBACK, CACHE_NONE, CACHE_WRITETHROUGH, CACHE_DIRECTSYNC,
-       CACHE_UNSAFE };
+enum {
+    CACHE_WRITEBACK,
+    CACHE_NONE,
+    CACHE_WRITETHROUGH,
+    CACHE_DIRECTSYNC,
+    CACHE_UNSAFE
+};
 
 static const OptDesc blk_options[] = {
     {"file", OPT_STRING, NULL,
@@ -111,8 +114,8 @@ static bool blk_check_driver_key(const char *key, const char *value,
     return true;
 }
 
-int blk_options_set(BlockBackendOptions *o, const char *key,
-                    const char *value, GError **errp)
+int blk_options_set(BlockBackendOptions *o, const char *key, const char *value,
+                    GError **errp)
 {
     const OptDesc *desc = opt_find(blk_options, key);
     GError *local_err = NULL;
@@ -126,8 +129,7 @@ int blk_options_set(BlockBackendOptions *o, const char *key,
             const char *msg = strstr(local_err->message, ": invalid");
 
             g_set_error(errp, G_KEY_FILE_ERROR, G_KEY_FILE_ERROR_INVALID_VALUE,
-                        "key '%s'%s", key,
-                        msg ? msg : local_err->message);
+                        "key '%s'%s", key, msg ? msg : local_err->message);
             g_error_free(local_err);
             return -EINVAL;
         }
@@ -234,8 +236,8 @@ static bool blk_check_unused_keys(BlockBackend *blk, GError **errp)
     while (g_hash_table_iter_next(&it, &k, NULL)) {
         const char *key = k;
         size_t n = strchr(key, '.') - key;
-        bool used = !strncmp(top->drv->name, key, n) &&
-                    strlen(top->drv->name) == n;
+        bool used =
+            !strncmp(top->drv->name, key, n) && strlen(top->drv->name) == n;
 
         if (top->file) {
             const char *p = top->file->bs->drv->name;
@@ -272,8 +274,8 @@ static void coroutine_fn blk_co_open_entry(void *opaque)
     if (o->discard_unmap) {
         flags |= BDRV_O_UNMAP;
     }
-    bs = bdrv_co_open_root(o->file, o->format, o->driver_opts, flags,
-                           blk->name, &d->err);
+    bs = bdrv_co_open_root(o->file, o->format, o->driver_opts, flags, blk->name,
+                           &d->err);
     if (!bs) {
         d->ret = -EINVAL;
         return;
@@ -410,8 +412,8 @@ static int blk_check_range(BlockBackend *blk, int64_t offset, int64_t bytes)
     return 0;
 }
 
-int coroutine_fn blk_co_preadv(BlockBackend *blk, int64_t offset,
-                               int64_t bytes, IOVector *qiov)
+int coroutine_fn blk_co_preadv(BlockBackend *blk, int64_t offset, int64_t bytes,
+                               IOVector *qiov)
 {
     int ret = blk_check_range(blk, offset, bytes);
 
@@ -478,8 +480,7 @@ int coroutine_fn blk_co_flush(BlockBackend *blk)
     return ret;
 }
 
-int coroutine_fn blk_co_truncate(BlockBackend *blk, int64_t size,
-                                 GError **errp)
+int coroutine_fn blk_co_truncate(BlockBackend *blk, int64_t size, GError **errp)
 {
     int ret;
 
@@ -500,8 +501,7 @@ int coroutine_fn blk_co_truncate(BlockBackend *blk, int64_t size,
 }
 
 int coroutine_fn blk_co_zero_status(BlockBackend *blk, int64_t offset,
-                                    int64_t bytes, int64_t *pnum,
-                                    bool *is_zero)
+                                    int64_t bytes, int64_t *pnum, bool *is_zero)
 {
     int ret;
 

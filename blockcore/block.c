@@ -47,8 +47,8 @@ static void bdrv_free(BlockDriverState *bs)
 }
 
 static BdrvChild *bdrv_attach_child(BlockDriverState *parent,
-                                    BlockDriverState *child,
-                                    const char *name, int role)
+                                    BlockDriverState *child, const char *name,
+                                    int role)
 {
     BdrvChild *c = g_new0(BdrvChild, 1);
     BdrvChild **link;
@@ -116,8 +116,7 @@ static GHashTable *bdrv_driver_options(GHashTable *all, const BlockDriver *drv)
     g_hash_table_iter_init(&it, all);
     while (g_hash_table_iter_next(&it, &k, &v)) {
         if (!strncmp(k, prefix, plen)) {
-            g_hash_table_insert(opts, g_strdup((char *)k + plen),
-                                g_strdup(v));
+            g_hash_table_insert(opts, g_strdup((char *)k + plen), g_strdup(v));
         }
     }
     return opts;
@@ -416,8 +415,7 @@ int coroutine_fn bdrv_co_open_backing(BlockDriverState *bs, GError **errp)
     return 0;
 }
 
-void image_info_add(ImageInfoSpec *spec, const char *key, const char *fmt,
-                    ...)
+void image_info_add(ImageInfoSpec *spec, const char *key, const char *fmt, ...)
 {
     va_list ap;
 
@@ -450,8 +448,7 @@ BdrvChild *coroutine_fn bdrv_co_open_standalone(const char *filename,
 BdrvChild *coroutine_fn bdrv_co_open_driver_standalone(const BlockDriver *drv,
                                                        const char *filename,
                                                        GHashTable *opts,
-                                                       int flags,
-                                                       GError **errp)
+                                                       int flags, GError **errp)
 {
     BlockDriverState *bs = bdrv_new(filename, NULL);
     g_autoptr(GHashTable) o = opt_table_new();
@@ -484,18 +481,14 @@ void coroutine_fn bdrv_co_close_standalone(BdrvChild *child)
 }
 
 /* Entry points used by block-backend.c */
-BlockDriverState *coroutine_fn bdrv_co_open_root(const char *filename,
-                                                 const char *format,
-                                                 GHashTable *opts, int flags,
-                                                 const char *drive,
-                                                 GError **errp);
+BlockDriverState *coroutine_fn
+bdrv_co_open_root(const char *filename, const char *format, GHashTable *opts,
+                  int flags, const char *drive, GError **errp);
 void coroutine_fn bdrv_co_close_root(BlockDriverState *bs);
 
-BlockDriverState *coroutine_fn bdrv_co_open_root(const char *filename,
-                                                 const char *format,
-                                                 GHashTable *opts, int flags,
-                                                 const char *drive,
-                                                 GError **errp)
+BlockDriverState *coroutine_fn
+bdrv_co_open_root(const char *filename, const char *format, GHashTable *opts,
+                  int flags, const char *drive, GError **errp)
 {
     return bdrv_co_open_node(filename, format, opts, flags, drive, errp);
 }

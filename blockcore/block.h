@@ -54,8 +54,8 @@ void blk_options_clear(BlockBackendOptions *o);
  * (*errp untouched, so the caller can word it); -EINVAL for a bad value
  * (*errp says "key 'K': invalid ...").
  */
-int blk_options_set(BlockBackendOptions *o, const char *key,
-                    const char *value, GError **errp);
+int blk_options_set(BlockBackendOptions *o, const char *key, const char *value,
+                    GError **errp);
 /* Whole-drive checks once every key is set (e.g. a file is named). */
 bool blk_options_check(const BlockBackendOptions *o, GError **errp);
 /* The generic keys and their descriptions, for --help. */
@@ -86,8 +86,8 @@ void *blk_blockalign(BlockBackend *blk, size_t size);
  * Return 0 or -errno.  Requests past the end fail: reads with -EINVAL,
  * writes with -ENOSPC.
  */
-int coroutine_fn blk_co_preadv(BlockBackend *blk, int64_t offset,
-                               int64_t bytes, IOVector *qiov);
+int coroutine_fn blk_co_preadv(BlockBackend *blk, int64_t offset, int64_t bytes,
+                               IOVector *qiov);
 int coroutine_fn blk_co_pwritev(BlockBackend *blk, int64_t offset,
                                 int64_t bytes, IOVector *qiov);
 /* @unmap: the range may be deallocated (it still reads as zeros). */

@@ -49,7 +49,7 @@ void coroutine_fn co_queue_wait(CoQueue *q, CoMutex *mutex)
     if (mutex) {
         co_mutex_unlock(mutex);
     }
-    co_yield();
+    co_yield ();
     if (mutex) {
         co_mutex_lock(mutex);
     }
@@ -106,7 +106,7 @@ void coroutine_fn co_mutex_lock(CoMutex *m)
     }
     assert(m->holder != self);
     co_queue_push(&m->waiters, self);
-    co_yield();
+    co_yield ();
     /* co_mutex_unlock() handed the lock to us before waking us. */
     assert(m->locked && m->holder == self);
 }
@@ -149,7 +149,7 @@ static void coroutine_fn co_rwlock_wait(CoRwLock *l, bool write)
         l->head = &w;
     }
     l->tail = &w;
-    co_yield();
+    co_yield ();
     /* co_rwlock_grant() gave us the lock and unlinked us. */
 }
 

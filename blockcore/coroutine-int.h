@@ -18,15 +18,15 @@ struct Coroutine {
     /* Home context; NULL until first entered. */
     AioContext *ctx;
     jmp_buf env;
-    void *stack;       /* NULL for a thread's leader (its native stack) */
+    void *stack; /* NULL for a thread's leader (its native stack) */
     size_t stack_size;
-    void *mapping;     /* mmap()ed area holding the guard page and stack */
+    void *mapping; /* mmap()ed area holding the guard page and stack */
     size_t mapping_size;
     /* Link in a CoQueue (a coroutine waits on at most one). */
     Coroutine *next_waiter;
     /* Link in the home context's wake list, and whether it is there. */
     Coroutine *next_wake;
-    int wake_pending;  /* accessed atomically */
+    int wake_pending; /* accessed atomically */
     /* Link in the per-thread pool of idle coroutines. */
     Coroutine *next_free;
 };

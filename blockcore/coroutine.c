@@ -101,8 +101,7 @@ static int co_switch(Coroutine *from, Coroutine *to, int action)
     int ret;
 
     co_current = to == &co_leader ? NULL : to;
-    co_asan_start(action == CO_ACTION_TERMINATE ? NULL : &fake_stack_save,
-                  to);
+    co_asan_start(action == CO_ACTION_TERMINATE ? NULL : &fake_stack_save, to);
     ret = _setjmp(from->env);
     if (ret == 0) {
         _longjmp(to->env, action);
@@ -113,9 +112,8 @@ static int co_switch(Coroutine *from, Coroutine *to, int action)
 
 static void co_trampoline(int lo, int hi)
 {
-    Coroutine *self =
-        (Coroutine *)(uintptr_t)((uint64_t)(uint32_t)lo |
-                                 ((uint64_t)(uint32_t)hi << 32));
+    Coroutine *self = (Coroutine *)(uintptr_t)((uint64_t)(uint32_t)lo |
+                                               ((uint64_t)(uint32_t)hi << 32));
     void *fake_stack_save = NULL;
 
     co_asan_finish(NULL);
@@ -269,7 +267,7 @@ void co_enter(Coroutine *co)
     }
 }
 
-void coroutine_fn co_yield(void)
+void coroutine_fn co_yield (void)
 {
     Coroutine *self = co_current;
     Coroutine *to;

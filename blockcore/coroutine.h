@@ -38,7 +38,7 @@ Coroutine *co_create(CoroutineEntry *entry, void *opaque);
 void co_enter(Coroutine *co);
 
 /* Give control back to whoever entered the current coroutine. */
-void coroutine_fn co_yield(void);
+void coroutine_fn co_yield (void);
 
 /* The running coroutine, or NULL outside coroutine context. */
 Coroutine *co_self(void);

@@ -59,15 +59,15 @@ typedef enum BdrvRequestFlags {
 /* Flags of an open node; children inherit the cache and aio ones. */
 enum {
     BDRV_O_RDWR = 1 << 0,
-    BDRV_O_NOCACHE = 1 << 1,       /* host files: O_DIRECT */
-    BDRV_O_NO_FLUSH = 1 << 2,      /* flushes do nothing (cache=unsafe) */
-    BDRV_O_PROBED = 1 << 3,        /* the format was probed, not named */
-    BDRV_O_AIO_IO_URING = 1 << 4,  /* file: io_uring */
-    BDRV_O_AIO_NATIVE = 1 << 5,    /* file: Linux AIO */
-    BDRV_O_NO_LOCK = 1 << 6,       /* do not lock image files */
-    BDRV_O_FORCE_SHARE = 1 << 7,   /* read-only: tolerate other writers */
-    BDRV_O_UNMAP = 1 << 8,         /* discard requests may deallocate */
-    BDRV_O_CREATE = 1 << 9,        /* protocol: create or truncate the file */
+    BDRV_O_NOCACHE = 1 << 1,      /* host files: O_DIRECT */
+    BDRV_O_NO_FLUSH = 1 << 2,     /* flushes do nothing (cache=unsafe) */
+    BDRV_O_PROBED = 1 << 3,       /* the format was probed, not named */
+    BDRV_O_AIO_IO_URING = 1 << 4, /* file: io_uring */
+    BDRV_O_AIO_NATIVE = 1 << 5,   /* file: Linux AIO */
+    BDRV_O_NO_LOCK = 1 << 6,      /* do not lock image files */
+    BDRV_O_FORCE_SHARE = 1 << 7,  /* read-only: tolerate other writers */
+    BDRV_O_UNMAP = 1 << 8,        /* discard requests may deallocate */
+    BDRV_O_CREATE = 1 << 9,       /* protocol: create or truncate the file */
 };
 #define BDRV_O_INHERIT_MASK                                                    \
     (BDRV_O_NOCACHE | BDRV_O_NO_FLUSH | BDRV_O_AIO_IO_URING |                  \
@@ -126,8 +126,8 @@ typedef struct ImageInfoSpec {
     GPtrArray *values; /* char * */
 } ImageInfoSpec;
 
-void image_info_add(ImageInfoSpec *spec, const char *key, const char *fmt,
-                    ...) __attribute__((format(printf, 3, 4)));
+void image_info_add(ImageInfoSpec *spec, const char *key, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
 
 struct BlockDriver {
     /* The format or protocol name used in config files ("qcow2"). */
@@ -197,8 +197,7 @@ struct BlockDriver {
     /* Make the range read as zeros (MAY_UNMAP: deallocation allowed).
      * -ENOTSUP makes blockcore write zero buffers.  Optional. */
     int coroutine_fn (*co_pwrite_zeroes)(BlockDriverState *bs, int64_t offset,
-                                         int64_t bytes,
-                                         BdrvRequestFlags flags);
+                                         int64_t bytes, BdrvRequestFlags flags);
 
     /* Deallocate if possible; contents afterwards are undefined.
      * Optional (blockcore answers -ENOTSUP). */
@@ -225,8 +224,7 @@ struct BlockDriver {
                                         int64_t *map, BlockDriverState **file);
 
     /* Add format specific lines to "imgfs info".  Optional. */
-    void coroutine_fn (*co_get_info)(BlockDriverState *bs,
-                                     ImageInfoSpec *spec);
+    void coroutine_fn (*co_get_info)(BlockDriverState *bs, ImageInfoSpec *spec);
 
     /* Bytes of host storage the node uses, or -ENOTSUP.  Optional. */
     int64_t coroutine_fn (*co_get_allocated_size)(BlockDriverState *bs);
@@ -324,11 +322,9 @@ int coroutine_fn bdrv_co_open_backing(BlockDriverState *bs, GError **errp);
 BdrvChild *coroutine_fn bdrv_co_open_standalone(const char *filename,
                                                 const char *format, int flags,
                                                 GError **errp);
-BdrvChild *coroutine_fn bdrv_co_open_driver_standalone(const BlockDriver *drv,
-                                                       const char *filename,
-                                                       GHashTable *opts,
-                                                       int flags,
-                                                       GError **errp);
+BdrvChild *coroutine_fn
+bdrv_co_open_driver_standalone(const BlockDriver *drv, const char *filename,
+                               GHashTable *opts, int flags, GError **errp);
 void coroutine_fn bdrv_co_close_standalone(BdrvChild *child);
 /* Close and free a child node. */
 void coroutine_fn bdrv_co_unref_child(BlockDriverState *parent,
@@ -337,26 +333,23 @@ void coroutine_fn bdrv_co_unref_child(BlockDriverState *parent,
 char *bdrv_resolve_relative(BlockDriverState *bs, const char *name);
 
 /* I/O on a child (io.c).  Same rules as the driver callbacks. */
-int coroutine_fn bdrv_co_preadv(BdrvChild *child, int64_t offset,
-                                int64_t bytes, IOVector *qiov,
-                                size_t qiov_offset, BdrvRequestFlags flags);
+int coroutine_fn bdrv_co_preadv(BdrvChild *child, int64_t offset, int64_t bytes,
+                                IOVector *qiov, size_t qiov_offset,
+                                BdrvRequestFlags flags);
 int coroutine_fn bdrv_co_pwritev(BdrvChild *child, int64_t offset,
                                  int64_t bytes, IOVector *qiov,
                                  size_t qiov_offset, BdrvRequestFlags flags);
-int coroutine_fn bdrv_co_pread(BdrvChild *child, int64_t offset,
-                               int64_t bytes, void *buf,
-                               BdrvRequestFlags flags);
-int coroutine_fn bdrv_co_pwrite(BdrvChild *child, int64_t offset,
-                                int64_t bytes, const void *buf,
-                                BdrvRequestFlags flags);
+int coroutine_fn bdrv_co_pread(BdrvChild *child, int64_t offset, int64_t bytes,
+                               void *buf, BdrvRequestFlags flags);
+int coroutine_fn bdrv_co_pwrite(BdrvChild *child, int64_t offset, int64_t bytes,
+                                const void *buf, BdrvRequestFlags flags);
 int coroutine_fn bdrv_co_pwrite_zeroes(BdrvChild *child, int64_t offset,
                                        int64_t bytes, BdrvRequestFlags flags);
 int coroutine_fn bdrv_co_pdiscard(BdrvChild *child, int64_t offset,
                                   int64_t bytes);
 int coroutine_fn bdrv_co_flush(BlockDriverState *bs);
-int coroutine_fn bdrv_co_truncate(BdrvChild *child, int64_t offset,
-                                  bool exact, PreallocMode prealloc,
-                                  GError **errp);
+int coroutine_fn bdrv_co_truncate(BdrvChild *child, int64_t offset, bool exact,
+                                  PreallocMode prealloc, GError **errp);
 int coroutine_fn bdrv_co_block_status(BlockDriverState *bs, int64_t offset,
                                       int64_t bytes, int64_t *pnum,
                                       int64_t *map, BlockDriverState **file);

@@ -44,7 +44,8 @@ const BlockDriver *bdrv_find_protocol_for(const char *filename)
     const char *colon = filename ? strchr(filename, ':') : NULL;
     int i;
 
-    if (colon && filename[0] != '/' && !memchr(filename, '/', colon - filename)) {
+    if (colon && filename[0] != '/' &&
+        !memchr(filename, '/', colon - filename)) {
         for (i = 0; bdrv_drivers[i]; i++) {
             const char *p = bdrv_drivers[i]->protocol_prefix;
 

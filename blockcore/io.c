@@ -52,16 +52,15 @@ static int bdrv_serialising_count(BlockDriverState *bs)
     BdrvTrackedRequest *req;
     int n = 0;
 
-    LIST_FOREACH(req, &bs->tracked_requests, list)
-    {
+    LIST_FOREACH (req, &bs->tracked_requests, list) {
         n += req->serialising;
     }
     return n;
 }
 
-static void tracked_request_begin(BdrvTrackedRequest *req,
-                                  BlockDriverState *bs, int64_t offset,
-                                  int64_t bytes, BdrvReqType type)
+static void tracked_request_begin(BdrvTrackedRequest *req, BlockDriverState *bs,
+                                  int64_t offset, int64_t bytes,
+                                  BdrvReqType type)
 {
     memset(req, 0, sizeof(*req));
     req->bs = bs;
@@ -87,8 +86,7 @@ static void tracked_request_set_serialising(BdrvTrackedRequest *req,
                                             int64_t align)
 {
     int64_t start = ALIGN_DOWN(req->offset, align);
-    /* ALIGN_UP computes offset + bytes + align first: keep it in range. */
-    int64_t end = req->bytes >= INT64_MAX - req->offset - (align - 1)
+    int64_t end = req->bytes > INT64_MAX - req->offset - align
                       ? INT64_MAX
                       : ALIGN_UP(req->offset + req->bytes, align);
 
@@ -109,8 +107,7 @@ static void coroutine_fn wait_serialising_requests(BdrvTrackedRequest *self)
         BdrvTrackedRequest *req;
 
         retry = false;
-        LIST_FOREACH(req, &bs->tracked_requests, list)
-        {
+        LIST_FOREACH (req, &bs->tracked_requests, list) {
             if (req == self || (!req->serialising && !self->serialising)) {
                 continue;
             }
@@ -118,8 +115,12 @@ static void coroutine_fn wait_serialising_requests(BdrvTrackedRequest *self)
                                 req->overlap_offset, req->overlap_bytes)) {
                 continue;
             }
-            /* Two serialising requests must not wait for each other. */
-            if (req->waiting_for == self) {
+            /*
+             * Wait only for requests that are running.  One that waits
+             * itself rescans when it wakes and then waits for us if it
+             * must; waiting for it could close a cycle of waiters.
+             */
+            if (req->waiting_for) {
                 continue;
             }
             self->waiting_for = req;
@@ -176,8 +177,8 @@ static int coroutine_fn bdrv_aligned_preadv(BlockDriverState *bs,
     max = bdrv_max_transfer(bs);
     for (done = 0; done < readable;) {
         int64_t n = readable - done < max ? readable - done : max;
-        int ret = bs->drv->co_preadv(bs, offset + done, n, qiov, qoff + done,
-                                     flags);
+        int ret =
+            bs->drv->co_preadv(bs, offset + done, n, qiov, qoff + done, flags);
         if (ret < 0) {
             return ret;
         }
@@ -192,13 +193,13 @@ static bool bdrv_request_aligned(BlockDriverState *bs, int64_t offset,
     int64_t align = bs->bl.request_alignment;
 
     return IS_ALIGNED(offset, align) && IS_ALIGNED(bytes, align) &&
-           (!qiov || iov_is_aligned(qiov, qoff, bytes,
-                                    bs->bl.min_mem_alignment));
+           (!qiov ||
+            iov_is_aligned(qiov, qoff, bytes, bs->bl.min_mem_alignment));
 }
 
-int coroutine_fn bdrv_co_preadv(BdrvChild *child, int64_t offset,
-                                int64_t bytes, IOVector *qiov,
-                                size_t qiov_offset, BdrvRequestFlags flags)
+int coroutine_fn bdrv_co_preadv(BdrvChild *child, int64_t offset, int64_t bytes,
+                                IOVector *qiov, size_t qiov_offset,
+                                BdrvRequestFlags flags)
 {
     BlockDriverState *bs = child->bs;
     BdrvTrackedRequest req;
@@ -271,8 +272,7 @@ static int coroutine_fn bdrv_aligned_pwritev(BlockDriverState *bs,
     return ret;
 }
 
-static int bdrv_check_write(BlockDriverState *bs, int64_t offset,
-                            int64_t bytes)
+static int bdrv_check_write(BlockDriverState *bs, int64_t offset, int64_t bytes)
 {
     int ret = bdrv_check_range(offset, bytes);
 
@@ -361,8 +361,7 @@ int coroutine_fn bdrv_co_pwritev(BdrvChild *child, int64_t offset,
     }
     wait_serialising_requests(&req);
     if (bdrv_request_aligned(bs, offset, bytes, qiov, qiov_offset)) {
-        ret = bdrv_aligned_pwritev(bs, offset, bytes, qiov, qiov_offset,
-                                   flags);
+        ret = bdrv_aligned_pwritev(bs, offset, bytes, qiov, qiov_offset, flags);
     } else {
         ret = bdrv_co_pwritev_rmw(bs, offset, bytes, qiov, qiov_offset, flags);
     }
@@ -370,9 +369,8 @@ int coroutine_fn bdrv_co_pwritev(BdrvChild *child, int64_t offset,
     return ret;
 }
 
-int coroutine_fn bdrv_co_pread(BdrvChild *child, int64_t offset,
-                               int64_t bytes, void *buf,
-                               BdrvRequestFlags flags)
+int coroutine_fn bdrv_co_pread(BdrvChild *child, int64_t offset, int64_t bytes,
+                               void *buf, BdrvRequestFlags flags)
 {
     IOVector qiov;
 
@@ -380,9 +378,8 @@ int coroutine_fn bdrv_co_pread(BdrvChild *child, int64_t offset,
     return bdrv_co_preadv(child, offset, bytes, &qiov, 0, flags);
 }
 
-int coroutine_fn bdrv_co_pwrite(BdrvChild *child, int64_t offset,
-                                int64_t bytes, const void *buf,
-                                BdrvRequestFlags flags)
+int coroutine_fn bdrv_co_pwrite(BdrvChild *child, int64_t offset, int64_t bytes,
+                                const void *buf, BdrvRequestFlags flags)
 {
     IOVector qiov;
 
@@ -442,8 +439,8 @@ static int coroutine_fn bdrv_co_pwrite_zeroes_aligned(BlockDriverState *bs,
     bs->write_gen++;
 
     if (bs->drv->co_pwrite_zeroes) {
-        int64_t max = bs->bl.max_pwrite_zeroes ? bs->bl.max_pwrite_zeroes
-                                               : INT64_MAX;
+        int64_t max =
+            bs->bl.max_pwrite_zeroes ? bs->bl.max_pwrite_zeroes : INT64_MAX;
         int64_t align = bs->bl.request_alignment;
 
         max = ALIGN_DOWN(max, align);
@@ -518,15 +515,15 @@ int coroutine_fn bdrv_co_pwrite_zeroes(BdrvChild *child, int64_t offset,
         if (flags & BDRV_REQ_NO_FALLBACK) {
             return -ENOTSUP;
         }
-        ret = bdrv_co_write_zero_buffers(child, offset, head_end - offset,
-                                         flags);
+        ret =
+            bdrv_co_write_zero_buffers(child, offset, head_end - offset, flags);
         if (ret < 0) {
             return ret;
         }
     }
     if (tail_start > head_end) {
-        ret = bdrv_co_pwrite_zeroes_aligned(bs, head_end,
-                                            tail_start - head_end, flags);
+        ret = bdrv_co_pwrite_zeroes_aligned(bs, head_end, tail_start - head_end,
+                                            flags);
         if (ret < 0) {
             return ret;
         }
@@ -571,8 +568,7 @@ int coroutine_fn bdrv_co_pdiscard(BdrvChild *child, int64_t offset,
         max = INT64_MAX;
     }
 
-    tracked_request_begin(&req, bs, start, end - start,
-                          BDRV_REQ_TYPE_DISCARD);
+    tracked_request_begin(&req, bs, start, end - start, BDRV_REQ_TYPE_DISCARD);
     wait_serialising_requests(&req);
     bs->write_gen++;
     while (start < end) {
@@ -629,9 +625,8 @@ int coroutine_fn bdrv_co_flush(BlockDriverState *bs)
     return ret;
 }
 
-int coroutine_fn bdrv_co_truncate(BdrvChild *child, int64_t offset,
-                                  bool exact, PreallocMode prealloc,
-                                  GError **errp)
+int coroutine_fn bdrv_co_truncate(BdrvChild *child, int64_t offset, bool exact,
+                                  PreallocMode prealloc, GError **errp)
 {
     BlockDriverState *bs = child->bs;
     BdrvTrackedRequest req;
@@ -647,8 +642,8 @@ int coroutine_fn bdrv_co_truncate(BdrvChild *child, int64_t offset,
         return -ENOMEDIUM;
     }
     if (!(bs->open_flags & BDRV_O_RDWR)) {
-        g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_ROFS,
-                    "'%s' is read-only", bdrv_name(bs));
+        g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_ROFS, "'%s' is read-only",
+                    bdrv_name(bs));
         return -EROFS;
     }
     if (!bs->drv->co_truncate) {
@@ -665,8 +660,8 @@ int coroutine_fn bdrv_co_truncate(BdrvChild *child, int64_t offset,
     bs->write_gen++;
     ret = bs->drv->co_truncate(bs, offset, exact, prealloc, errp);
     if (ret == 0) {
-        int64_t len = bs->drv->co_getlength ? bs->drv->co_getlength(bs)
-                                            : offset;
+        int64_t len =
+            bs->drv->co_getlength ? bs->drv->co_getlength(bs) : offset;
 
         bs->total_bytes = len >= 0 ? len : offset;
     }
@@ -761,8 +756,8 @@ int coroutine_fn bdrv_co_block_status(BlockDriverState *bs, int64_t offset,
         (ret & BDRV_BLOCK_OFFSET_VALID) && *file && *file != bs) {
         int64_t fpnum, fmap;
         BlockDriverState *ffile;
-        int fret = bdrv_co_block_status(*file, *map, *pnum, &fpnum, &fmap,
-                                        &ffile);
+        int fret =
+            bdrv_co_block_status(*file, *map, *pnum, &fpnum, &fmap, &ffile);
 
         if (fret >= 0 && fpnum > 0 && (fret & BDRV_BLOCK_ZERO)) {
             *pnum = fpnum;

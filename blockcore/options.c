@@ -69,39 +69,51 @@ int opt_parse_number(const char *s, uint64_t *out)
 int opt_parse_size(const char *s, uint64_t *out)
 {
     static const char suffixes[] = "KMGTPE";
-    const char *p;
-    char *end;
+    const char *p = s, *suffix;
     double v;
     int shift = 0;
 
-    if (!*s || !g_ascii_isdigit(*s)) {
+    /* digits, optionally ".digits", then an optional K/M/G/T/P/E with an
+     * optional "B" or "iB": all powers of 1024 */
+    if (!g_ascii_isdigit(*p)) {
         return -EINVAL;
     }
-    errno = 0;
-    v = strtod(s, &end);
-    if (errno || end == s) {
-        return -EINVAL;
+    while (g_ascii_isdigit(*p)) {
+        p++;
     }
-    if (*end) {
-        p = strchr(suffixes, g_ascii_toupper(*end));
-        if (!p) {
-            if (g_ascii_toupper(*end) == 'B' && !end[1]) {
-                goto done;
+    if (*p == '.') {
+        p++;
+        if (!g_ascii_isdigit(*p)) {
+            return -EINVAL;
+        }
+        while (g_ascii_isdigit(*p)) {
+            p++;
+        }
+    }
+    suffix = p;
+    if (*p) {
+        const char *k = strchr(suffixes, g_ascii_toupper(*p));
+
+        if (k && *p) {
+            shift = 10 * (int)(k - suffixes + 1);
+            p++;
+            if (g_ascii_tolower(p[0]) == 'i' && g_ascii_toupper(p[1]) == 'B') {
+                p += 2;
+            } else if (g_ascii_toupper(p[0]) == 'B') {
+                p++;
             }
-            return -EINVAL;
+        } else if (g_ascii_toupper(*p) == 'B') {
+            p++;
         }
-        shift = 10 * (int)(p - suffixes + 1);
-        end++;
-        /* Accept "M", "MB", "MiB" alike: all mean powers of 1024. */
-        if (!strcmp(end, "iB") || !strcmp(end, "B") || !strcmp(end, "ib") ||
-            !strcmp(end, "b")) {
-            end += strlen(end);
-        }
-        if (*end) {
+        if (*p) {
             return -EINVAL;
         }
     }
-done:
+    {
+        g_autofree char *num = g_strndup(s, suffix - s);
+
+        v = g_ascii_strtod(num, NULL);
+    }
     v = ldexp(v, shift);
     if (v >= 18446744073709551616.0 || v != floor(v)) {
         return -EINVAL;

@@ -60,8 +60,8 @@ bool opt_get_bool(GHashTable *opts, const char *key, bool def);
 uint64_t opt_get_size(GHashTable *opts, const char *key, uint64_t def);
 uint64_t opt_get_number(GHashTable *opts, const char *key, uint64_t def);
 double opt_get_double(GHashTable *opts, const char *key, double def);
-int opt_get_enum(GHashTable *opts, const char *key,
-                 const char *const *values, int def);
+int opt_get_enum(GHashTable *opts, const char *key, const char *const *values,
+                 int def);
 
 /* A string -> string table owning its keys and values. */
 GHashTable *opt_table_new(void);

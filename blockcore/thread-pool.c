@@ -124,7 +124,7 @@ int coroutine_fn thread_pool_co_run(ThreadPoolFunc *fn, void *opaque)
     }
     pthread_mutex_unlock(&pool.lock);
 
-    co_yield();
+    co_yield ();
     return job.ret;
 }
 

@@ -92,8 +92,7 @@ static int file_job_rw(FileJob *job)
         if (job->type == FILE_JOB_READ) {
             n = preadv(job->fd, iov, niov, job->offset + done);
         } else {
-            n = pwritev2(job->fd, iov, niov, job->offset + done,
-                         job->rwflags);
+            n = pwritev2(job->fd, iov, niov, job->offset + done, job->rwflags);
         }
         if (n < 0) {
             if (errno == EINTR) {
@@ -188,9 +187,8 @@ static void file_probe_dio_alignment(FileState *s)
     if (statx(s->fd, "", AT_EMPTY_PATH, STATX_DIOALIGN, &stx) == 0 &&
         (stx.stx_mask & STATX_DIOALIGN) && stx.stx_dio_offset_align) {
         s->dio_align = stx.stx_dio_offset_align;
-        s->dio_mem_align = stx.stx_dio_mem_align > 512
-                               ? stx.stx_dio_mem_align
-                               : 512;
+        s->dio_mem_align =
+            stx.stx_dio_mem_align > 512 ? stx.stx_dio_mem_align : 512;
     }
 #else
     (void)stx;
@@ -486,8 +484,8 @@ static int coroutine_fn file_co_truncate(BlockDriverState *bs, int64_t offset,
     return 0;
 }
 
-static int coroutine_fn file_co_lseek(FileState *s, int64_t offset,
-                                      int whence, int64_t *result)
+static int coroutine_fn file_co_lseek(FileState *s, int64_t offset, int whence,
+                                      int64_t *result)
 {
     FileJob job = {
         .fd = s->fd,

@@ -33,6 +33,44 @@ static const OptDesc raw_options[] = {
     {NULL},
 };
 
+/*
+ * Signatures of image formats that other tools (QEMU with format probing
+ * above all) recognise in a first sector, whether or not imgfs has a
+ * driver for them: a guest must not be able to plant any of them.
+ */
+static const char *raw_foreign_format(const uint8_t *buf, size_t len)
+{
+    static const struct {
+        const char *name;
+        size_t offset;
+        size_t len;
+        const char *magic;
+    } sigs[] = {
+        {"qcow/qcow2", 0, 4, "QFI\xfb"},
+        {"qed", 0, 4, "QED\0"},
+        {"vmdk", 0, 4, "KDMV"},
+        {"vmdk", 0, 4, "COWD"},
+        {"vmdk", 0, 21, "# Disk DescriptorFile"},
+        {"vdi", 0x40, 4, "\x7f\x10\xda\xbe"},
+        {"vhdx", 0, 8, "vhdxfile"},
+        {"vpc", 0, 8, "conectix"},
+        {"luks", 0, 6, "LUKS\xba\xbe"},
+        {"parallels", 0, 16, "WithoutFreeSpace"},
+        {"parallels", 0, 16, "WithouFreSpacExt"},
+        {"bochs", 0, 22, "Bochs Virtual HD Image"},
+        {"cloop", 0, 23, "#!/bin/sh\n#V2.0 Format\n"},
+    };
+    size_t i;
+
+    for (i = 0; i < G_N_ELEMENTS(sigs); i++) {
+        if (len >= sigs[i].offset + sigs[i].len &&
+            !memcmp(buf + sigs[i].offset, sigs[i].magic, sigs[i].len)) {
+            return sigs[i].name;
+        }
+    }
+    return NULL;
+}
+
 static int raw_probe(const uint8_t *buf, size_t len, const char *filename)
 {
     (void)buf;
@@ -105,9 +143,9 @@ static int coroutine_fn raw_co_preadv(BlockDriverState *bs, int64_t offset,
  * @qiov, probe as another format?  Reads the current sector to fill in
  * what the write does not cover.
  */
-static int coroutine_fn raw_check_sector0(BlockDriverState *bs,
-                                          int64_t offset, int64_t bytes,
-                                          IOVector *qiov, size_t qoff)
+static int coroutine_fn raw_check_sector0(BlockDriverState *bs, int64_t offset,
+                                          int64_t bytes, IOVector *qiov,
+                                          size_t qoff)
 {
     RawState *s = bs->opaque;
     uint8_t *buf = g_malloc0(RAW_SECTOR);
@@ -122,7 +160,8 @@ static int coroutine_fn raw_check_sector0(BlockDriverState *bs,
     if (ret == 0) {
         iov_to_buf(qiov, qoff, buf + offset, n);
         drv = bdrv_probe_format(buf, RAW_SECTOR, NULL, NULL);
-        if (drv && strcmp(drv->name, "raw") != 0) {
+        if ((drv && strcmp(drv->name, "raw") != 0) ||
+            raw_foreign_format(buf, RAW_SECTOR)) {
             ret = -EPERM;
         }
     }
@@ -138,8 +177,8 @@ static int coroutine_fn raw_co_pwritev(BlockDriverState *bs, int64_t offset,
     int ret;
 
     if (!s->probed || offset >= RAW_SECTOR || s->offset != 0) {
-        return bdrv_co_pwritev(bs->file, offset + s->offset, bytes, qiov,
-                               qoff, flags);
+        return bdrv_co_pwritev(bs->file, offset + s->offset, bytes, qiov, qoff,
+                               flags);
     }
     co_mutex_lock(&s->sector0_lock);
     ret = raw_check_sector0(bs, offset, bytes, qiov, qoff);

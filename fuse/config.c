@@ -24,7 +24,8 @@ typedef struct ConfigLines {
 } ConfigLines;
 
 static void config_error(GError **errp, const char *path, int line,
-                         const char *fmt, ...) __attribute__((format(printf, 4, 5)));
+                         const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
 
 static void config_error(GError **errp, const char *path, int line,
                          const char *fmt, ...)
@@ -36,8 +37,8 @@ static void config_error(GError **errp, const char *path, int line,
     msg = g_strdup_vprintf(fmt, ap);
     va_end(ap);
     if (line > 0) {
-        g_set_error(errp, G_KEY_FILE_ERROR, G_KEY_FILE_ERROR_PARSE,
-                    "%s:%d: %s", path, line, msg);
+        g_set_error(errp, G_KEY_FILE_ERROR, G_KEY_FILE_ERROR_PARSE, "%s:%d: %s",
+                    path, line, msg);
     } else {
         g_set_error(errp, G_KEY_FILE_ERROR, G_KEY_FILE_ERROR_PARSE, "%s: %s",
                     path, msg);
@@ -70,8 +71,8 @@ static bool config_scan(const char *path, const char *text, ConfigLines *cl,
             g_free(group);
             group = g_strndup(l + 1, end - l - 1);
             if (g_hash_table_contains(cl->group_line, group)) {
-                int first = GPOINTER_TO_INT(
-                    g_hash_table_lookup(cl->group_line, group));
+                int first =
+                    GPOINTER_TO_INT(g_hash_table_lookup(cl->group_line, group));
 
                 if (!strcmp(group, IFS_GLOBAL_GROUP)) {
                     config_error(errp, path, i + 1,
@@ -109,8 +110,8 @@ static bool config_scan(const char *path, const char *text, ConfigLines *cl,
 
             if (g_hash_table_contains(cl->key_line, k)) {
                 if (!strcmp(group, IFS_GLOBAL_GROUP)) {
-                    config_error(errp, path, i + 1,
-                                 "[%s]: duplicate key '%s'", group, l);
+                    config_error(errp, path, i + 1, "[%s]: duplicate key '%s'",
+                                 group, l);
                 } else {
                     config_error(errp, path, i + 1,
                                  "drive '%s': duplicate key '%s'", group, l);
@@ -172,8 +173,7 @@ static bool config_load_global(IfsConfig *cfg, GKeyFile *kf, ConfigLines *cl,
         if (!strcmp(keys[i], "iothreads")) {
             uint64_t n;
 
-            if (opt_parse_number(v, &n) < 0 || n < 1 ||
-                n > IFS_MAX_IOTHREADS) {
+            if (opt_parse_number(v, &n) < 0 || n < 1 || n > IFS_MAX_IOTHREADS) {
                 config_error(errp, cfg->path, line,
                              "[imgfs]: key 'iothreads': invalid value '%s' "
                              "(use 1 to %d)",
@@ -264,8 +264,8 @@ IfsConfig *ifs_config_load(const char *path, GError **errp)
     gsize len;
     int i;
 
-    cl.group_line = g_hash_table_new_full(g_str_hash, g_str_equal, g_free,
-                                          NULL);
+    cl.group_line =
+        g_hash_table_new_full(g_str_hash, g_str_equal, g_free, NULL);
     cl.key_line = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, NULL);
     cfg->path = g_strdup(path);
     cfg->drives = g_ptr_array_new_with_free_func(drive_config_free);
@@ -285,8 +285,9 @@ IfsConfig *ifs_config_load(const char *path, GError **errp)
         goto fail;
     }
     if (strlen(text) != len || !g_utf8_validate(text, len, NULL)) {
-        config_error(errp, path, 0, "not a text file (NUL bytes or invalid "
-                                    "UTF-8)");
+        config_error(errp, path, 0,
+                     "not a text file (NUL bytes or invalid "
+                     "UTF-8)");
         goto fail;
     }
     abs = g_canonicalize_filename(path, NULL);

@@ -52,8 +52,8 @@ typedef struct IfsDrive {
     BlockBackend *blk;
     AioContext *ctx;
     bool read_only;
-    int refcnt;        /* atomic: the drive table and each open file */
-    int64_t mtime_ns;  /* atomic: last write, for getattr */
+    int refcnt;       /* atomic: the drive table and each open file */
+    int64_t mtime_ns; /* atomic: last write, for getattr */
 } IfsDrive;
 
 struct IfsMount {
@@ -70,8 +70,8 @@ struct IfsMount {
     IOThread **threads;
     IfsQueue **queues;
 
-    int inflight;      /* atomic: FUSE requests being served */
-    int exiting;       /* atomic: stop serving, drain */
+    int inflight; /* atomic: FUSE requests being served */
+    int exiting;  /* atomic: stop serving, drain */
     GMutex drain_lock;
     GCond drain_cond;
     GMainLoop *loop;

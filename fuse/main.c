@@ -192,8 +192,8 @@ static void info_human(GPtrArray *chain)
 
     for (i = 0; i < chain->len; i++) {
         BlockNodeInfo *n = g_ptr_array_index(chain, i);
-        g_autofree char *vs = g_format_size_full(n->virtual_size,
-                                                 G_FORMAT_SIZE_IEC_UNITS);
+        g_autofree char *vs =
+            g_format_size_full(n->virtual_size, G_FORMAT_SIZE_IEC_UNITS);
         const char *indent = i ? "  " : "";
 
         if (i) {
@@ -204,8 +204,8 @@ static void info_human(GPtrArray *chain)
         printf("%svirtual size: %s (%" PRId64 " bytes)\n", indent, vs,
                n->virtual_size);
         if (n->allocated_bytes >= 0) {
-            g_autofree char *as = g_format_size_full(n->allocated_bytes,
-                                                     G_FORMAT_SIZE_IEC_UNITS);
+            g_autofree char *as =
+                g_format_size_full(n->allocated_bytes, G_FORMAT_SIZE_IEC_UNITS);
 
             printf("%sdisk size: %s\n", indent, as);
         }

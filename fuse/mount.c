@@ -18,6 +18,7 @@
 #include <fcntl.h>
 #include <glib-unix.h>
 #include <limits.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -57,6 +58,21 @@ struct IfsBuf {
 
 static __thread IfsBuf *ifs_buf_cache;
 static __thread int ifs_buf_cached;
+static pthread_key_t ifs_buf_key;
+static pthread_once_t ifs_buf_once = PTHREAD_ONCE_INIT;
+
+static void ifs_buf_cache_drain(void);
+
+static void ifs_buf_thread_exit(void *unused)
+{
+    (void)unused;
+    ifs_buf_cache_drain();
+}
+
+static void ifs_buf_init_key(void)
+{
+    pthread_key_create(&ifs_buf_key, ifs_buf_thread_exit);
+}
 
 static IfsBuf *ifs_buf_new(void)
 {
@@ -79,6 +95,9 @@ static IfsBuf *ifs_buf_new(void)
 void ifs_buf_free(IfsBuf *b)
 {
     if (ifs_buf_cached < IFS_BUF_CACHE) {
+        /* The cache of a thread is freed when the thread exits. */
+        pthread_once(&ifs_buf_once, ifs_buf_init_key);
+        pthread_setspecific(ifs_buf_key, &ifs_buf_key);
         b->next = ifs_buf_cache;
         ifs_buf_cache = b;
         ifs_buf_cached++;
@@ -467,6 +486,10 @@ static struct fuse_session *ifs_session_new(IfsMount *m, GError **errp)
     args.argv = (char **)argv->pdata;
     args.allocated = 0;
     se = fuse_session_new(&args, &ifs_ops, sizeof(ifs_ops), m);
+    if (args.allocated) {
+        /* libfuse rewrote the argument vector: its copy is ours to free */
+        fuse_opt_free_args(&args);
+    }
     if (!se) {
         g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,
                     "invalid FUSE options (-o)");

@@ -321,8 +321,8 @@ out:
     ifs_request_free(r);
 }
 
-static void ifs_op_read(fuse_req_t req, fuse_ino_t ino, size_t size,
-                        off_t off, struct fuse_file_info *fi)
+static void ifs_op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
+                        struct fuse_file_info *fi)
 {
     IfsDrive *d = ifs_file_drive(fi);
     IfsRequest *r;
@@ -445,9 +445,8 @@ static void coroutine_fn ifs_co_fallocate(void *opaque)
     if (r->mode & FALLOC_FL_PUNCH_HOLE) {
         /* Deallocate where the image can; it reads as zeros anyway. */
         if (r->offset < len) {
-            ret = blk_co_pwrite_zeroes(blk, r->offset,
-                                       (end < len ? end : len) - r->offset,
-                                       true);
+            ret = blk_co_pwrite_zeroes(
+                blk, r->offset, (end < len ? end : len) - r->offset, true);
         }
     } else {
         if (end > len && !keep_size) {
@@ -459,9 +458,8 @@ static void coroutine_fn ifs_co_fallocate(void *opaque)
             len = blk_getlength(blk);
         }
         if ((r->mode & FALLOC_FL_ZERO_RANGE) && r->offset < len) {
-            ret = blk_co_pwrite_zeroes(blk, r->offset,
-                                       (end < len ? end : len) - r->offset,
-                                       false);
+            ret = blk_co_pwrite_zeroes(
+                blk, r->offset, (end < len ? end : len) - r->offset, false);
         }
     }
     if (ret == 0) {
@@ -616,8 +614,8 @@ out:
     ifs_request_free(r);
 }
 
-static void ifs_op_lseek(fuse_req_t req, fuse_ino_t ino, off_t off,
-                         int whence, struct fuse_file_info *fi)
+static void ifs_op_lseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence,
+                         struct fuse_file_info *fi)
 {
     IfsDrive *d = ifs_file_drive(fi);
     IfsRequest *r;
@@ -680,8 +678,7 @@ static void ifs_op_readdir(fuse_req_t req, fuse_ino_t ino, size_t size,
             st.st_ino = d->ino;
             st.st_mode = S_IFREG;
         }
-        n = fuse_add_direntry(req, buf + used, size - used, name, &st,
-                              idx + 1);
+        n = fuse_add_direntry(req, buf + used, size - used, name, &st, idx + 1);
         if (n > size - used) {
             break;
         }

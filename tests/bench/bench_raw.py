@@ -1,0 +1,281 @@
+#!/usr/bin/python3
+"""Benchmark: a raw image through imgfs, beside the plain file and
+qemu-storage-daemon's FUSE export.  A benchmark, not a test: it prints
+figures and asserts nothing about time.
+
+    sudo /usr/bin/python3 tests/bench/bench_raw.py [--runtime S] [--rounds N]
+
+One fio matrix (libaio, O_DIRECT, time based) runs on three targets, each
+with its own fully allocated copy of the same raw image:
+
+    plain  the image file itself: the ceiling
+    imgfs  `imgfs mount -f` with cache = none (image opened with O_DIRECT)
+    qsd    qemu-storage-daemon, file node cache.direct=on,aio=native, raw
+           node, FUSE export on a regular file (its best configuration)
+
+The page cache is dropped before every job (so this needs root), the
+targets take turns within each round, and the table quotes the median of
+the rounds per cell, every round's figure, and the ratios imgfs/qsd and
+imgfs/plain.  These machines are shared and small: a figure can move by
+half between runs, so compare within one run only.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+MiB = 1024 * 1024
+
+# (label, fio rw, block size, iodepth, unit)
+JOBS = [
+    ("4k randread QD1", "randread", "4k", 1, "IOPS"),
+    ("4k randread QD32", "randread", "4k", 32, "IOPS"),
+    ("4k randwrite QD1", "randwrite", "4k", 1, "IOPS"),
+    ("4k randwrite QD32", "randwrite", "4k", 32, "IOPS"),
+    ("1M read QD4", "read", "1M", 4, "MiB/s"),
+    ("1M write QD4", "write", "1M", 4, "MiB/s"),
+]
+TARGETS = ["plain", "imgfs", "qsd"]
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def drop_caches():
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def is_mounted(path):
+    target = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == target for line in f)
+
+
+def fio(filename, size, runtime, rw, bs, iodepth, name="bench"):
+    """Run one fio job; return its JSON report's first job."""
+    cmd = ["fio", f"--name={name}", f"--filename={filename}",
+           "--ioengine=libaio", "--direct=1", f"--rw={rw}", f"--bs={bs}",
+           f"--iodepth={iodepth}", f"--size={size}", "--time_based=1",
+           f"--runtime={runtime}", "--norandommap=1", "--randrepeat=0",
+           "--output-format=json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True,
+                          timeout=runtime + 120)
+    if proc.returncode != 0:
+        raise RuntimeError(f"fio: {proc.stderr.strip()}")
+    report = json.loads(proc.stdout[proc.stdout.index("{"):])
+    return report["jobs"][0]
+
+
+def figure(job, rw, unit):
+    """IOPS or MiB/s of a fio job for the direction of RW."""
+    side = job["read"] if "read" in rw else job["write"]
+    return side["iops"] if unit == "IOPS" else side["bw_bytes"] / MiB
+
+
+def make_image(path, size):
+    """A raw image of SIZE bytes, every block written (fully allocated)."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+    cmd = ["fio", "--name=prefill", f"--filename={path}", "--rw=write",
+           "--bs=1M", "--direct=1", "--ioengine=libaio", "--iodepth=8",
+           f"--size={size}", "--output-format=json"]
+    subprocess.run(cmd, capture_output=True, check=True)
+
+
+class Daemon:
+    """A FUSE daemon serving one target file; stop() takes it down."""
+
+    def __init__(self, name, cmd, target, mountpoint, logfile):
+        self.name = name
+        self.target = target
+        self.mountpoint = mountpoint
+        self.logfile = logfile
+        with open(logfile, "wb") as err:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
+                                         stdout=err, stderr=err,
+                                         start_new_session=True)
+        deadline = time.monotonic() + 20
+        while not is_mounted(mountpoint):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                first = Path(logfile).read_text(errors="replace").strip()
+                first = first.splitlines()[0] if first else "no message"
+                raise RuntimeError(f"{name} did not mount: {first}")
+            time.sleep(0.05)
+        os.stat(target)  # answers
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if is_mounted(self.mountpoint):
+            subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)],
+                           capture_output=True)
+
+
+def start_imgfs(binary, image, work):
+    mnt = work / "imgfs-mnt"
+    mnt.mkdir()
+    config = work / "imgfs.ini"
+    config.write_text(f"[disk0]\nfile = {image}\nformat = raw\n"
+                      "cache = none\n")
+    cmd = [str(binary), "mount", "-f", str(config), str(mnt)]
+    return Daemon("imgfs", cmd, mnt / "disk0", mnt, work / "imgfs.log")
+
+
+def start_qsd(image, work):
+    mnt = work / "qsd-export"
+    mnt.touch()  # the FUSE export mounts on a regular file
+    cmd = ["qemu-storage-daemon",
+           "--blockdev", f"driver=file,node-name=f0,filename={image},"
+                         "cache.direct=on,aio=native",
+           "--blockdev", "driver=raw,node-name=r0,file=f0",
+           "--export", f"type=fuse,id=e0,node-name=r0,mountpoint={mnt},"
+                       "writable=on"]
+    return Daemon("qsd", cmd, mnt, mnt, work / "qsd.log")
+
+
+def fmt(value, unit):
+    if value is None:
+        return "n/a"
+    return f"{value:.0f}" if unit == "IOPS" else f"{value:.1f}"
+
+
+def ratio(a, b):
+    return "n/a" if a is None or b is None or b == 0 else f"{a / b:.2f}"
+
+
+def print_table(results, targets, rounds):
+    head = f"{'job':<19}{'unit':<7}" + "".join(f"{t:>10}" for t in targets)
+    head += f"{'imgfs/qsd':>11}{'imgfs/plain':>13}"
+    print(head)
+    print("-" * len(head))
+    for label, _, _, _, unit in JOBS:
+        med = {}
+        for t in targets:
+            values = [v for v in results[label][t] if v is not None]
+            med[t] = statistics.median(values) if values else None
+        row = f"{label:<19}{unit:<7}"
+        row += "".join(f"{fmt(med[t], unit):>10}" for t in targets)
+        row += f"{ratio(med.get('imgfs'), med.get('qsd')):>11}"
+        row += f"{ratio(med.get('imgfs'), med.get('plain')):>13}"
+        print(row)
+    if rounds > 1:
+        print("\nevery round:")
+        for label, _, _, _, unit in JOBS:
+            for t in targets:
+                values = " ".join(fmt(v, unit) for v in results[label][t])
+                print(f"  {label:<19}{t:<7}{values}")
+
+
+def main():
+    parser = argparse.ArgumentParser(
+        description="fio on the plain image, imgfs and qemu-storage-daemon")
+    parser.add_argument("--runtime", type=int, default=10,
+                        help="seconds per fio job (default 10)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds over the matrix (default 3)")
+    parser.add_argument("--size-mib", type=int, default=1024,
+                        help="image size in MiB (default 1024)")
+    parser.add_argument("--dir", type=Path, default=None,
+                        help="work directory on a disk file system "
+                             "(default: a new one under /var/tmp)")
+    parser.add_argument("--imgfs", type=Path, default=Path(
+        os.environ.get("IMGFS_BIN", ROOT / "build" / "imgfs")))
+    args = parser.parse_args()
+
+    if os.geteuid() != 0:
+        sys.exit("bench_raw: needs root to drop the page cache")
+    for tool in ("fio", "fusermount3"):
+        if shutil.which(tool) is None:
+            sys.exit(f"bench_raw: {tool} is not installed")
+
+    size = args.size_mib * MiB
+    work = Path(tempfile.mkdtemp(prefix="imgfs-bench.",
+                                 dir=args.dir or "/var/tmp"))
+    daemons, unavailable, paths = [], {}, {"plain": None}
+    try:
+        log(f"bench_raw: preparing {len(TARGETS)} images of "
+            f"{args.size_mib} MiB in {work}")
+        images = {t: work / f"{t}.img" for t in TARGETS}
+        for image in images.values():
+            make_image(image, size)
+        paths["plain"] = images["plain"]
+
+        if not os.access(args.imgfs, os.X_OK):
+            unavailable["imgfs"] = f"{args.imgfs} not found (set IMGFS_BIN)"
+        else:
+            try:
+                d = start_imgfs(args.imgfs, images["imgfs"], work)
+                daemons.append(d)
+                paths["imgfs"] = d.target
+            except RuntimeError as e:
+                unavailable["imgfs"] = str(e)
+        if shutil.which("qemu-storage-daemon") is None:
+            unavailable["qsd"] = "qemu-storage-daemon is not installed"
+        else:
+            try:
+                d = start_qsd(images["qsd"], work)
+                daemons.append(d)
+                paths["qsd"] = d.target
+            except RuntimeError as e:
+                unavailable["qsd"] = str(e)
+
+        running = [t for t in TARGETS if t in paths]
+        results = {label: {t: [] for t in TARGETS} for label, *_ in JOBS}
+        total = len(JOBS) * len(running) * args.rounds * args.runtime
+        log(f"bench_raw: {len(JOBS)} jobs x {len(running)} targets x "
+            f"{args.rounds} rounds x {args.runtime} s = about "
+            f"{total / 60:.1f} min")
+        for rnd in range(args.rounds):
+            order = running[rnd % len(running):] + running[:rnd % len(running)]
+            for label, rw, bs, iodepth, unit in JOBS:
+                for t in order:
+                    drop_caches()
+                    try:
+                        job = fio(paths[t], size, args.runtime, rw, bs,
+                                  iodepth)
+                        value = figure(job, rw, unit)
+                    except (RuntimeError, subprocess.TimeoutExpired) as e:
+                        log(f"  {t}: {label}: {e}")
+                        value = None
+                    results[label][t].append(value)
+                    log(f"  round {rnd + 1} {label:<19}{t:<6} "
+                        f"{fmt(value, unit)} {unit}")
+    finally:
+        for d in daemons:
+            d.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+    print(f"\nraw image {args.size_mib} MiB, fully allocated; fio libaio "
+          f"direct=1, time based {args.runtime} s per job; page cache "
+          f"dropped before each job; median of {args.rounds} round(s)")
+    print("plain: the image file itself")
+    print("imgfs: cache = none (imgfs opens the image with O_DIRECT), "
+          f"{args.imgfs}")
+    print("qsd:   qemu-storage-daemon file node cache.direct=on,aio=native, "
+          "raw node, FUSE export")
+    for t, why in unavailable.items():
+        print(f"{t}: n/a: {why}")
+    print()
+    print_table(results, TARGETS, args.rounds)
+
+
+if __name__ == "__main__":
+    main()

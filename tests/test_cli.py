@@ -1,0 +1,87 @@
+"""The command line: --help, --version, bad usage and FUSE options (-o)."""
+
+import errno
+import os
+import re
+import subprocess
+
+import pytest
+
+from conftest import (
+    MiB,
+    create_image,
+    error_lines,
+    fill,
+    is_mounted,
+    sha256,
+)
+
+
+def imgfs_cmd(imgfs_bin, *args):
+    return subprocess.run(
+        [str(imgfs_bin), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def test_help(imgfs_bin):
+    proc = imgfs_cmd(imgfs_bin, "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert "mount" in proc.stdout
+    assert "CONFIG" in proc.stdout.upper()
+
+
+def test_version(imgfs_bin):
+    proc = imgfs_cmd(imgfs_bin, "--version")
+    assert proc.returncode == 0, proc.stderr
+    first, *rest = proc.stdout.splitlines()
+    assert re.fullmatch(r"imgfs \d+\.\d+\S*", first), first
+    # the built-in formats and protocols follow the version line
+    built_in = " ".join(rest)
+    assert re.search(r"\braw\b", built_in), proc.stdout
+    assert re.search(r"\bfile\b", built_in), proc.stdout
+
+
+def test_no_args_prints_usage(imgfs_bin):
+    proc = imgfs_cmd(imgfs_bin)
+    assert proc.returncode != 0
+    assert "mount" in proc.stderr
+    assert proc.stdout == ""
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["frobnicate"],
+        ["--no-such-option"],
+        ["mount"],
+        ["mount", "only-a-config.ini"],
+        ["mount", "a.ini", "mnt", "extra"],
+    ],
+    ids=["unknown-command", "unknown-option", "mount-no-args",
+         "mount-one-arg", "mount-three-args"],
+)
+def test_bad_usage_fails(imgfs_bin, args):
+    proc = imgfs_cmd(imgfs_bin, *args)
+    assert proc.returncode != 0
+    assert error_lines(proc.stderr)[0].startswith("imgfs: "), proc.stderr
+
+
+def test_fuse_option_ro(imgfs, tmp_path):
+    """-o ro is handed to FUSE: the kernel refuses every write."""
+    image = create_image(tmp_path / "disk0.img", 16 * MiB)
+    fill(image, 0x5A, 0, 16 * MiB)
+    before = sha256(image)
+    mount = imgfs({"disk0": {"file": image, "format": "raw"}},
+                  fuse_options="ro")
+    assert os.statvfs(mount.path).f_flag & os.ST_RDONLY
+    with pytest.raises(OSError) as err:
+        os.open(mount.drive(), os.O_WRONLY)
+    assert err.value.errno == errno.EROFS
+    assert sha256(mount.drive()) == before
+    assert mount.unmount() == 0
+    assert not is_mounted(mount.path)
+    assert sha256(image) == before

@@ -1,0 +1,206 @@
+"""Every bad input makes `imgfs mount` fail with one line on stderr.
+
+The line starts with "imgfs: " and names what is wrong (the drive, the key,
+the file).  Nothing may be mounted: the mount point stays as it was.  The
+daemonizing form (no -f) is used, as a user would run it: its parent must
+report the error and exit non-zero.
+"""
+
+import os
+import subprocess
+
+import pytest
+
+from conftest import MiB, error_lines, is_mounted, unmount
+
+
+@pytest.fixture
+def setup(tmp_path):
+    """An image, an empty mount point, and a writer for the config text."""
+    images = tmp_path / "images"
+    images.mkdir()
+    with open(images / "disk0.img", "wb") as f:
+        f.truncate(MiB)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    config = tmp_path / "config.ini"
+
+    def write(text):
+        config.write_text(text)
+        return config
+
+    return write, mnt
+
+
+def mount_fails(imgfs_bin, config, mnt):
+    """Run `imgfs mount CONFIG MNT`; return its one-line error message."""
+    proc = subprocess.run(
+        [str(imgfs_bin), "mount", str(config), str(mnt)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        stdin=subprocess.DEVNULL,
+    )
+    mounted = is_mounted(mnt)
+    if mounted:
+        unmount(mnt, lazy=True)
+    assert proc.returncode != 0, "imgfs mount succeeded on a bad input"
+    assert not mounted, "imgfs failed but left a mount behind"
+    assert not os.path.ismount(mnt)
+    lines = error_lines(proc.stderr)
+    assert len(lines) == 1, f"want one error line, got:\n{proc.stderr}"
+    assert lines[0].startswith("imgfs: "), lines[0]
+    return lines[0]
+
+
+DISK0 = "[disk0]\nfile = images/disk0.img\n"
+
+
+def test_unknown_key(imgfs_bin, setup):
+    write, mnt = setup
+    msg = mount_fails(imgfs_bin, write(DISK0 + "colour = blue\n"), mnt)
+    assert "unknown key 'colour'" in msg
+    assert "drive 'disk0'" in msg
+    assert os.listdir(mnt) == []
+
+
+def test_unknown_global_key(imgfs_bin, setup):
+    write, mnt = setup
+    text = "[imgfs]\ncolour = blue\n\n" + DISK0
+    msg = mount_fails(imgfs_bin, write(text), mnt)
+    assert "unknown key 'colour'" in msg
+    assert os.listdir(mnt) == []
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("read-only", "maybe"),
+        ("cache", "sometimes"),
+        ("raw.size", "12Q"),
+        ("raw.offset", "-1"),
+    ],
+)
+def test_bad_value(imgfs_bin, setup, key, value):
+    write, mnt = setup
+    msg = mount_fails(imgfs_bin, write(DISK0 + f"{key} = {value}\n"), mnt)
+    assert f"key '{key}'" in msg
+    assert "invalid" in msg
+    assert "drive 'disk0'" in msg
+    assert os.listdir(mnt) == []
+
+
+def test_bad_global_value(imgfs_bin, setup):
+    write, mnt = setup
+    text = "[imgfs]\niothreads = lots\n\n" + DISK0
+    msg = mount_fails(imgfs_bin, write(text), mnt)
+    assert "key 'iothreads'" in msg
+    assert "invalid" in msg
+    assert os.listdir(mnt) == []
+
+
+def test_missing_image_file(imgfs_bin, setup):
+    write, mnt = setup
+    msg = mount_fails(imgfs_bin, write("[disk0]\nfile = images/nothere.img\n"),
+                      mnt)
+    assert "images/nothere.img" in msg
+    assert "No such file or directory" in msg
+    assert "drive 'disk0'" in msg
+    assert os.listdir(mnt) == []
+
+
+def test_missing_file_key(imgfs_bin, setup):
+    write, mnt = setup
+    msg = mount_fails(imgfs_bin, write("[disk0]\nformat = raw\n"), mnt)
+    assert "drive 'disk0'" in msg
+    assert "'file'" in msg
+    assert os.listdir(mnt) == []
+
+
+def test_unknown_format(imgfs_bin, setup):
+    write, mnt = setup
+    msg = mount_fails(imgfs_bin, write(DISK0 + "format = nosuchformat\n"), mnt)
+    assert "drive 'disk0'" in msg
+    assert "nosuchformat" in msg
+    assert os.listdir(mnt) == []
+
+
+def test_slice_beyond_end_of_image(imgfs_bin, setup):
+    write, mnt = setup
+    text = DISK0 + "format = raw\nraw.offset = 512K\nraw.size = 1M\n"
+    msg = mount_fails(imgfs_bin, write(text), mnt)
+    assert "drive 'disk0'" in msg
+    assert os.listdir(mnt) == []
+
+
+def test_duplicate_drive(imgfs_bin, setup):
+    write, mnt = setup
+    msg = mount_fails(imgfs_bin, write(DISK0 + "\n" + DISK0), mnt)
+    assert "duplicate drive 'disk0'" in msg
+    assert os.listdir(mnt) == []
+
+
+@pytest.mark.parametrize("name", ["sub/disk", ".hidden", ".."])
+def test_invalid_drive_name(imgfs_bin, setup, name):
+    write, mnt = setup
+    text = f"[{name}]\nfile = images/disk0.img\n"
+    msg = mount_fails(imgfs_bin, write(text), mnt)
+    assert "invalid drive name" in msg
+    assert name in msg
+    assert os.listdir(mnt) == []
+
+
+def test_mount_point_not_empty(imgfs_bin, setup):
+    write, mnt = setup
+    (mnt / "keep").write_text("mine\n")
+    msg = mount_fails(imgfs_bin, write(DISK0), mnt)
+    assert "mount point" in msg
+    assert "not an empty directory" in msg
+    assert os.listdir(mnt) == ["keep"]
+    assert (mnt / "keep").read_text() == "mine\n"
+
+
+def test_mount_point_is_a_file(imgfs_bin, setup, tmp_path):
+    write, _ = setup
+    target = tmp_path / "file"
+    target.write_text("mine\n")
+    msg = mount_fails(imgfs_bin, write(DISK0), target)
+    assert "mount point" in msg
+    assert "not an empty directory" in msg
+    assert target.read_text() == "mine\n"
+
+
+def test_mount_point_missing(imgfs_bin, setup, tmp_path):
+    write, _ = setup
+    missing = tmp_path / "nowhere"
+    msg = mount_fails(imgfs_bin, write(DISK0), missing)
+    assert "mount point" in msg
+    assert "No such file or directory" in msg
+    assert not missing.exists()
+
+
+def test_one_good_one_broken_drive(imgfs_bin, setup):
+    write, mnt = setup
+    text = DISK0 + "\n[disk1]\nfile = images/nothere.img\n"
+    msg = mount_fails(imgfs_bin, write(text), mnt)
+    assert "drive 'disk1'" in msg
+    assert os.listdir(mnt) == []
+
+
+def test_config_missing(imgfs_bin, setup, tmp_path):
+    _, mnt = setup
+    config = tmp_path / "nothere.ini"
+    msg = mount_fails(imgfs_bin, config, mnt)
+    assert str(config) in msg
+    assert "No such file or directory" in msg
+    assert os.listdir(mnt) == []
+
+
+@pytest.mark.parametrize(
+    "text", ["", "[imgfs]\niothreads = 2\n"], ids=["empty", "settings-only"]
+)
+def test_no_drives(imgfs_bin, setup, text):
+    write, mnt = setup
+    msg = mount_fails(imgfs_bin, write(text), mnt)
+    assert "no drives" in msg
+    assert os.listdir(mnt) == []
