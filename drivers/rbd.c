@@ -147,8 +147,7 @@ static void drv_rbd_spec_add_setting(DrvRbdSpec *sp, const char *name,
  * escapes removed.  *@p moves past the token (onto the delimiter, or the
  * end).  *@delim receives the delimiter found, or '\0'.
  */
-static char *drv_rbd_next_token(const char **p, const char *delims,
-                                char *delim)
+static char *drv_rbd_next_token(const char **p, const char *delims, char *delim)
 {
     GString *tok = g_string_new(NULL);
     const char *s = *p;
@@ -174,8 +173,8 @@ static bool drv_rbd_set_part(char **field, char *value, const char *key,
                              const char *filename, GError **errp)
 {
     if (!*value) {
-        g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,
-                    "'%s': empty %s", filename, key + strlen("rbd."));
+        g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL, "'%s': empty %s",
+                    filename, key + strlen("rbd."));
         g_free(value);
         return false;
     }
@@ -227,13 +226,12 @@ static bool drv_rbd_parse_filename(DrvRbdSpec *sp, const char *filename,
     if (!drv_rbd_set_part(&sp->pool, g_strdup(parts->pdata[0]), "rbd.pool",
                           filename, errp) ||
         (parts->len == 3 &&
-         !drv_rbd_set_part(&sp->ns, g_strdup(parts->pdata[1]),
-                           "rbd.namespace", filename, errp)) ||
-        !drv_rbd_set_part(&sp->image,
-                          g_strdup(parts->pdata[parts->len - 1]),
+         !drv_rbd_set_part(&sp->ns, g_strdup(parts->pdata[1]), "rbd.namespace",
+                           filename, errp)) ||
+        !drv_rbd_set_part(&sp->image, g_strdup(parts->pdata[parts->len - 1]),
                           "rbd.image", filename, errp) ||
-        (snap && !drv_rbd_set_part(&sp->snap, snap, "rbd.snapshot", filename,
-                                   errp))) {
+        (snap &&
+         !drv_rbd_set_part(&sp->snap, snap, "rbd.snapshot", filename, errp))) {
         return false;
     }
 
@@ -246,8 +244,7 @@ static bool drv_rbd_parse_filename(DrvRbdSpec *sp, const char *filename,
         key = drv_rbd_next_token(&p, "=:", &d);
         if (d != '=' || !*key) {
             g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,
-                        "'%s': setting '%s' is not KEY=VALUE", filename,
-                        key);
+                        "'%s': setting '%s' is not KEY=VALUE", filename, key);
             return false;
         }
         p++;
@@ -359,7 +356,8 @@ typedef struct DrvRbdConnect {
  * says how long we waited).  Returns @ret.
  */
 static int drv_rbd_fail(DrvRbdConnect *c, int ret, double timeout,
-                        const char *fmt, ...) __attribute__((format(printf, 4, 5)));
+                        const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
 
 static int drv_rbd_fail(DrvRbdConnect *c, int ret, double timeout,
                         const char *fmt, ...)
@@ -386,8 +384,8 @@ static int drv_rbd_conf_set(DrvRbdConnect *c, const char *name,
     int ret = rados_conf_set(c->cluster, name, value);
 
     if (ret == -ENOENT) {
-        c->error = g_strdup_printf("%s: '%s' is not a Ceph setting", origin,
-                                   name);
+        c->error =
+            g_strdup_printf("%s: '%s' is not a Ceph setting", origin, name);
         return -EINVAL;
     }
     if (ret < 0) {
@@ -426,13 +424,17 @@ static int drv_rbd_connect_job(void *opaque)
     ret = rados_create(&c->cluster, sp->user);
     if (ret < 0) {
         c->cluster = NULL;
-        return drv_rbd_fail(c, ret, 0, "cannot create a Ceph client for "
-                                       "user '%s' (rbd.user)", user);
+        return drv_rbd_fail(c, ret, 0,
+                            "cannot create a Ceph client for "
+                            "user '%s' (rbd.user)",
+                            user);
     }
     ret = rados_conf_read_file(c->cluster, sp->conf);
     if (ret < 0 && sp->conf) {
-        return drv_rbd_fail(c, ret, 0, "cannot read ceph.conf '%s' "
-                                       "(rbd.conf)", sp->conf);
+        return drv_rbd_fail(c, ret, 0,
+                            "cannot read ceph.conf '%s' "
+                            "(rbd.conf)",
+                            sp->conf);
     }
     /* No conf named and none found: rbd.option.mon_host and friends may
      * still be enough. */
@@ -451,8 +453,8 @@ static int drv_rbd_connect_job(void *opaque)
     ret = drv_rbd_conf_set(c, "rbd_cache", c->cache ? "true" : "false",
                            "cache mode");
     if (ret == 0 && c->cache && c->trust_flush) {
-        ret = drv_rbd_conf_set(c, "rbd_cache_writethrough_until_flush",
-                               "false", "cache mode");
+        ret = drv_rbd_conf_set(c, "rbd_cache_writethrough_until_flush", "false",
+                               "cache mode");
     }
     if (ret < 0) {
         return ret;
@@ -465,21 +467,24 @@ static int drv_rbd_connect_job(void *opaque)
             return ret;
         }
     }
-    c->mount_timeout = drv_rbd_conf_get_double(c->cluster,
-                                               "client_mount_timeout");
-    c->op_timeout = drv_rbd_conf_get_double(c->cluster,
-                                            "rados_osd_op_timeout");
+    c->mount_timeout =
+        drv_rbd_conf_get_double(c->cluster, "client_mount_timeout");
+    c->op_timeout = drv_rbd_conf_get_double(c->cluster, "rados_osd_op_timeout");
 
     ret = rados_connect(c->cluster);
     if (ret == -ENOENT) {
-        return drv_rbd_fail(c, ret, 0, "cannot connect to the Ceph cluster "
-                                       "(%s): no key for client.%s (rbd.user, "
-                                       "rbd.keyring)", conf, user);
+        return drv_rbd_fail(c, ret, 0,
+                            "cannot connect to the Ceph cluster "
+                            "(%s): no key for client.%s (rbd.user, "
+                            "rbd.keyring)",
+                            conf, user);
     }
     if (ret == -EACCES || ret == -EPERM) {
-        return drv_rbd_fail(c, ret, 0, "cannot connect to the Ceph cluster "
-                                       "(%s): client.%s was refused "
-                                       "(rbd.user, rbd.keyring)", conf, user);
+        return drv_rbd_fail(c, ret, 0,
+                            "cannot connect to the Ceph cluster "
+                            "(%s): client.%s was refused "
+                            "(rbd.user, rbd.keyring)",
+                            conf, user);
     }
     if (ret < 0) {
         return drv_rbd_fail(c, ret, c->mount_timeout,
@@ -561,9 +566,8 @@ static int drv_rbd_disconnect_job(void *opaque)
     return ret;
 }
 
-static int coroutine_fn drv_rbd_co_open(BlockDriverState *bs,
-                                        GHashTable *opts, int flags,
-                                        GError **errp)
+static int coroutine_fn drv_rbd_co_open(BlockDriverState *bs, GHashTable *opts,
+                                        int flags, GError **errp)
 {
     DrvRbdState *s = bs->opaque;
     DrvRbdSpec sp = {0};
@@ -598,8 +602,8 @@ static int coroutine_fn drv_rbd_co_open(BlockDriverState *bs,
     if (ret < 0) {
         DrvRbdHandles h = {c.cluster, c.io, c.image};
 
-        g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(-ret),
-                    "%s: %s", desc, c.error ? c.error : g_strerror(-ret));
+        g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(-ret), "%s: %s",
+                    desc, c.error ? c.error : g_strerror(-ret));
         g_free(c.error);
         thread_pool_co_run(drv_rbd_disconnect_job, &h);
         drv_rbd_spec_clear(&sp);
@@ -643,8 +647,7 @@ static void coroutine_fn drv_rbd_co_close(BlockDriverState *bs)
     int ret = thread_pool_co_run(drv_rbd_disconnect_job, &h);
 
     if (ret < 0) {
-        log_error("%s: closing the image failed: %s", s->who,
-                  g_strerror(-ret));
+        log_error("%s: closing the image failed: %s", s->who, g_strerror(-ret));
     }
     g_free(s->desc);
     g_free(s->who);
@@ -675,8 +678,8 @@ typedef enum DrvRbdOp {
 } DrvRbdOp;
 
 static const char *const drv_rbd_op_names[] = {
-    [DRV_RBD_READ] = "read",       [DRV_RBD_WRITE] = "write",
-    [DRV_RBD_FLUSH] = "flush",     [DRV_RBD_DISCARD] = "discard",
+    [DRV_RBD_READ] = "read",           [DRV_RBD_WRITE] = "write",
+    [DRV_RBD_FLUSH] = "flush",         [DRV_RBD_DISCARD] = "discard",
     [DRV_RBD_ZEROES] = "write zeroes",
 };
 
@@ -729,13 +732,13 @@ static int drv_rbd_result(BlockDriverState *bs, DrvRbdOp op, int64_t offset,
 
         if (ret == -ETIMEDOUT && s->timeout > 0) {
             timed_out = g_strdup_printf("no answer from the cluster within "
-                                        "%g s", s->timeout);
+                                        "%g s",
+                                        s->timeout);
             why = timed_out;
         } else if (ret == -ESHUTDOWN) {
             why = "this client was blocklisted by the cluster";
         }
-        log_error("%s: %s of %" PRId64 " bytes at %" PRId64
-                  " failed: %s (%s)",
+        log_error("%s: %s of %" PRId64 " bytes at %" PRId64 " failed: %s (%s)",
                   s->who, drv_rbd_op_names[op], bytes, offset, why,
                   g_strerror(-ret));
         s->failing = true;
@@ -793,7 +796,7 @@ static int coroutine_fn drv_rbd_co_submit(BlockDriverState *bs, DrvRbdOp op,
         rbd_aio_release(c);
         goto out;
     }
-    co_yield();
+    co_yield ();
     ret = req.ret < 0 ? (int)req.ret : 0;
     if (op == DRV_RBD_READ && ret == 0 && req.ret < bytes) {
         /* Short read: the rest reads as zeros. */
@@ -824,8 +827,7 @@ static int drv_rbd_resize_job(void *opaque)
         uint64_t size;
     } *job = opaque;
 
-    return rbd_resize2(job->image, job->size, true, drv_rbd_no_progress,
-                       NULL);
+    return rbd_resize2(job->image, job->size, true, drv_rbd_no_progress, NULL);
 }
 
 static int coroutine_fn drv_rbd_co_resize(DrvRbdState *s, uint64_t size)
@@ -862,19 +864,17 @@ static int coroutine_fn drv_rbd_co_grow(BlockDriverState *bs, int64_t end)
     return ret;
 }
 
-static int coroutine_fn drv_rbd_co_preadv(BlockDriverState *bs,
-                                          int64_t offset, int64_t bytes,
-                                          IOVector *qiov, size_t qoff,
-                                          BdrvRequestFlags flags)
+static int coroutine_fn drv_rbd_co_preadv(BlockDriverState *bs, int64_t offset,
+                                          int64_t bytes, IOVector *qiov,
+                                          size_t qoff, BdrvRequestFlags flags)
 {
     (void)flags;
     return drv_rbd_co_submit(bs, DRV_RBD_READ, offset, bytes, qiov, qoff, 0);
 }
 
-static int coroutine_fn drv_rbd_co_pwritev(BlockDriverState *bs,
-                                           int64_t offset, int64_t bytes,
-                                           IOVector *qiov, size_t qoff,
-                                           BdrvRequestFlags flags)
+static int coroutine_fn drv_rbd_co_pwritev(BlockDriverState *bs, int64_t offset,
+                                           int64_t bytes, IOVector *qiov,
+                                           size_t qoff, BdrvRequestFlags flags)
 {
     DrvRbdState *s = bs->opaque;
     int ret;
