@@ -6,15 +6,17 @@ cephx, pool size 1, an ``rbd`` pool) the first time a test asks for it,
 and tears it down at the end of the session.  ``lost_ceph_cluster``
 (function scope) is a second, private cluster for a test that kills it.
 
-Without the Ceph packages the tests skip and say which programs are
-missing; CI installs them (ceph-mon ceph-osd ceph-common), so there
-nothing skips.
+Loaded by the root conftest.py (pytest_plugins).  Without the Ceph
+packages the tests skip and say which programs are missing; with CI=true
+they fail instead: CI installs ceph-mon ceph-osd ceph-common.
 """
 
 import os
 import sys
 
 import pytest
+
+from conftest import unavailable
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                 "ceph"))
@@ -29,7 +31,7 @@ CLUSTER_CONF = "rbd default features = layering\n"
 def _require_ceph():
     missing = micro_ceph.missing_tools()
     if missing:
-        pytest.skip("Ceph is not installed (missing %s; apt-get install "
+        unavailable("Ceph is not installed (missing %s; apt-get install "
                     "ceph-mon ceph-osd ceph-common)" % ", ".join(missing))
 
 

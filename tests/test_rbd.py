@@ -13,29 +13,37 @@ asserted: run with -s to see them.
 
 import errno
 import json
+import mmap
 import os
 import random
 import signal
+import socket
 import subprocess
-import sys
 import threading
 import time
 
 import pytest
 
-from ceph_fixture import ceph_cluster, lost_ceph_cluster  # noqa: F401
+from conftest import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_ZERO_RANGE,
+    MiB,
+    SANITIZER_MARKS,
+    assert_same_bytes,
+    daemon_env,
+    error_lines,
+    fallocate,
+    is_mounted,
+    run,
+    unmount,
+    write_config,
+)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-IMGFS = os.environ.get("IMGFS", os.path.join(ROOT, "build", "imgfs"))
 
-MiB = 1 << 20
-SANITIZER_MARKS = ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer",
-                   "runtime error:")
-
-
-def imgfs_has(kind, name):
-    out = subprocess.run([IMGFS, "formats"], stdout=subprocess.PIPE,
-                         check=True, text=True).stdout
+def imgfs_has(imgfs_bin, kind, name):
+    """Does `imgfs formats` list NAME under "formats:" or "protocols:"?"""
+    out = run(imgfs_bin, "formats").stdout
     section = None
     for line in out.splitlines():
         if line.endswith(":"):
@@ -45,133 +53,32 @@ def imgfs_has(kind, name):
     return False
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _rbd_built():
-    if not os.path.exists(IMGFS):
-        pytest.fail("%s not built (meson setup build && ninja -C build)" %
-                    IMGFS)
-    if not imgfs_has("protocols", "rbd"):
-        pytest.skip("imgfs was built without rbd (librbd-dev missing)")
+@pytest.fixture(autouse=True)
+def _rbd_built(imgfs_bin):
+    if not imgfs_has(imgfs_bin, "protocols", "rbd"):
+        pytest.skip("imgfs was built without rbd (librbd-dev was missing)")
 
 
-def write_config(path, drives, iothreads=None):
-    lines = []
-    if iothreads:
-        lines += ["[imgfs]", "iothreads = %d" % iothreads, ""]
-    for name, keys in drives.items():
-        lines.append("[%s]" % name)
-        lines += ["%s = %s" % kv for kv in keys.items()]
-        lines.append("")
-    with open(path, "w") as f:
-        f.write("\n".join(lines))
-
-
-class Imgfs:
-    """``imgfs mount -f`` of a config in its own directory; always torn
-    down (fusermount3 -u -z, then SIGTERM, then SIGKILL)."""
-
-    def __init__(self, workdir, drives, name="m"):
-        self.dir = os.path.join(str(workdir), name)
-        os.makedirs(self.dir, exist_ok=True)
-        self.mnt = os.path.join(self.dir, "mnt")
-        os.makedirs(self.mnt, exist_ok=True)
-        self.config = os.path.join(self.dir, "config.ini")
-        self.stderr_path = os.path.join(self.dir, "stderr")
-        self.drives = drives
-        self.proc = None
-        write_config(self.config, drives)
-
-    def path(self, drive):
-        return os.path.join(self.mnt, drive)
-
-    def start(self, timeout=120):
-        self.stderr = open(self.stderr_path, "wb")
-        self.proc = subprocess.Popen([IMGFS, "mount", "-f", self.config,
-                                      self.mnt], stdout=self.stderr,
-                                     stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while not os.path.ismount(self.mnt):
-            if self.proc.poll() is not None:
-                raise AssertionError("imgfs exited (%d): %s" %
-                                     (self.proc.returncode, self.log()))
-            if time.monotonic() > deadline:
-                raise AssertionError("imgfs did not mount within %ds" %
-                                     timeout)
-            time.sleep(0.02)
-        return self
-
-    def log(self):
-        with open(self.stderr_path, "rb") as f:
-            return f.read().decode(errors="replace")
-
-    def alive(self):
-        return self.proc is not None and self.proc.poll() is None
-
-    def crash(self):
-        """kill -9: the daemon dies holding whatever it held."""
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-        subprocess.run(["fusermount3", "-u", "-z", self.mnt],
-                       stderr=subprocess.DEVNULL)
-
-    def stop(self, timeout=60):
-        """Unmount and wait for a clean exit; returns the seconds taken."""
-        if self.proc is None:
-            return 0
-        t0 = time.monotonic()
-        if self.proc.poll() is None:
-            subprocess.run(["fusermount3", "-u", "-z", self.mnt],
-                           stderr=subprocess.DEVNULL)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.terminate()
-                try:
-                    self.proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait()
-                raise AssertionError("imgfs did not exit within %ds of the "
-                                     "unmount: %s" % (timeout, self.log()))
-        self.stderr.close()
-        log = self.log()
-        for mark in SANITIZER_MARKS:
-            assert mark not in log, log
-        return time.monotonic() - t0
-
-    def __enter__(self):
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, *exc):
-        self.stop()
-
-
-def mount_error(workdir, drives, timeout=120):
-    """Mount a config that must fail; returns (seconds, stderr lines)."""
-    m = Imgfs(workdir, drives, name="bad")
+def mount_error(imgfs_bin, tmp_path, drives, timeout=120):
+    """Mount a config that must fail; returns (seconds, error lines)."""
+    config = write_config(tmp_path / "bad.ini", drives)
+    mnt = tmp_path / "bad"
+    mnt.mkdir(exist_ok=True)
     t0 = time.monotonic()
-    p = subprocess.run([IMGFS, "mount", "-f", m.config, m.mnt],
-                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                       timeout=timeout)
+    proc = subprocess.run([str(imgfs_bin), "mount", "-f", str(config),
+                           str(mnt)], capture_output=True, text=True,
+                          timeout=timeout, env=daemon_env())
     elapsed = time.monotonic() - t0
-    out = p.stdout.decode(errors="replace")
-    assert p.returncode != 0, "imgfs mounted a bad config: " + out
-    assert not os.path.ismount(m.mnt)
+    assert proc.returncode != 0, "imgfs mounted a bad config"
+    assert not is_mounted(mnt)
     for mark in SANITIZER_MARKS:
-        assert mark not in out, out
-    # Sanitizer builds announce themselves with "==PID==WARNING: ...".
-    return elapsed, [l for l in out.splitlines()
-                     if l.strip() and not l.startswith("==")]
+        assert mark not in proc.stderr, proc.stderr
+    return elapsed, [line for line in error_lines(proc.stderr)
+                     if line.strip()]
 
 
 def rbd_drive(cluster, spec, **keys):
-    d = {"file": cluster.uri(spec), "format": "raw"}
-    d.update(keys)
-    return d
+    return {"file": cluster.uri(spec), "format": "raw", **keys}
 
 
 def create_image(cluster, name, size, features="layering"):
@@ -183,12 +90,15 @@ def export(cluster, spec):
     return cluster.rbd("export", "--no-progress", spec, "-")
 
 
-def qemu_io(uri, *cmds):
-    args = ["qemu-io", "-f", "raw"]
+def rbd_size(cluster, spec):
+    return json.loads(cluster.rbd("info", "--format", "json", spec))["size"]
+
+
+def qemu_io(uri, *cmds, fmt="raw"):
+    args = []
     for c in cmds:
         args += ["-c", c]
-    subprocess.run(args + [uri], check=True, stdout=subprocess.DEVNULL,
-                   timeout=120)
+    run("qemu-io", "-f", fmt, *args, uri)
 
 
 def pattern(n, seed):
@@ -196,9 +106,8 @@ def pattern(n, seed):
 
 
 def pread_direct(path, offset, length):
-    """An O_DIRECT read; the page cache cannot answer it."""
-    import mmap
-
+    """An O_DIRECT read: neither the page cache nor imgfs' caller can
+    answer it."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
     try:
         buf = mmap.mmap(-1, length)
@@ -209,8 +118,6 @@ def pread_direct(path, offset, length):
 
 
 def pwrite_direct(path, offset, data):
-    import mmap
-
     fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
     try:
         buf = mmap.mmap(-1, len(data))
@@ -223,21 +130,20 @@ def pwrite_direct(path, offset, data):
 # ---------------------------------------------------------------------------
 
 
-def test_mount_equals_rbd_export(ceph_cluster, tmp_path):
+def test_mount_equals_rbd_export(ceph_cluster, imgfs):
     c = ceph_cluster
     size = 20 * MiB + 3 * 1024 + 512  # not a whole number of objects
     create_image(c, "exp", size)
     qemu_io(c.uri("rbd/exp"), "write -P 0x11 0 64k",
             "write -P 0x22 4190000 10000",  # across an object boundary
             "write -P 0x33 12M 1M", "write -P 0x44 %d 3k" % (size - 3072))
-    with Imgfs(tmp_path, {"d": rbd_drive(c, "rbd/exp")}) as m:
-        assert os.path.getsize(m.path("d")) == size
-        with open(m.path("d"), "rb") as f:
-            data = f.read()
-    assert data == export(c, "rbd/exp")
+    m = imgfs({"d": rbd_drive(c, "rbd/exp")})
+    assert os.path.getsize(m.drive("d")) == size
+    assert_same_bytes(m.drive("d").read_bytes(), export(c, "rbd/exp"),
+                      "mounted rbd/exp vs rbd export")
 
 
-def test_rbd_keys_and_namespace(ceph_cluster, tmp_path):
+def test_rbd_keys_and_namespace(ceph_cluster, imgfs, imgfs_bin):
     """The same image named by file = rbd:POOL/NS/IMAGE and by rbd.* keys
     only (no file): both show what rbd export shows."""
     c = ceph_cluster
@@ -262,14 +168,11 @@ def test_rbd_keys_and_namespace(ceph_cluster, tmp_path):
     }
     expected = export(c, "rbd/ns1/img")
     assert expected[MiB:3 * MiB] == b"\x5a" * (2 * MiB)
-    with Imgfs(tmp_path, drives) as m:
-        for d in drives:
-            with open(m.path(d), "rb") as f:
-                assert f.read() == expected, d
-    out = subprocess.run([IMGFS, "info", "--json", "--format", "rbd",
-                          c.uri("rbd/ns1/img")], stdout=subprocess.PIPE,
-                         check=True, timeout=60).stdout
-    info = json.loads(out)
+    m = imgfs(drives)
+    for d in drives:
+        assert_same_bytes(m.drive(d).read_bytes(), expected, d)
+    info = json.loads(run(imgfs_bin, "info", "--json", "--format", "rbd",
+                          c.uri("rbd/ns1/img")).stdout)
     assert info["virtual-size"] == 8 * MiB
     assert info["format-specific"]["pool"] == "rbd"
     assert info["format-specific"]["namespace"] == "ns1"
@@ -277,7 +180,7 @@ def test_rbd_keys_and_namespace(ceph_cluster, tmp_path):
 
 
 @pytest.mark.parametrize("cache", ["writeback", "none"])
-def test_writes_seen_by_rbd_and_qemu(ceph_cluster, tmp_path, cache):
+def test_writes_seen_by_rbd_and_qemu(ceph_cluster, imgfs, tmp_path, cache):
     c = ceph_cluster
     name = "wr-" + cache
     size = 16 * MiB
@@ -285,51 +188,44 @@ def test_writes_seen_by_rbd_and_qemu(ceph_cluster, tmp_path, cache):
     ref = bytearray(size)
     writes = [(0, 4096), (4097, 1000), (4 * MiB - 100, 200),
               (5 * MiB, MiB), (size - 777, 777)]
-    with Imgfs(tmp_path, {"d": rbd_drive(c, "rbd/" + name, cache=cache)}) \
-            as m:
-        fd = os.open(m.path("d"), os.O_RDWR)
-        try:
-            for i, (off, n) in enumerate(writes):
-                data = pattern(n, i)
-                assert os.pwrite(fd, data, off) == n
-                ref[off:off + n] = data
-            # Deallocate part of the 1 MiB write, zero another part.
-            subprocess.run(["fallocate", "--punch-hole", "--offset",
-                            str(5 * MiB), "--length", str(256 * 1024),
-                            m.path("d")], check=True)
-            ref[5 * MiB:5 * MiB + 256 * 1024] = bytes(256 * 1024)
-            subprocess.run(["fallocate", "--zero-range", "--keep-size",
-                            "--offset", str(5 * MiB + 512 * 1024),
-                            "--length", str(4096), m.path("d")], check=True)
-            ref[5 * MiB + 512 * 1024:5 * MiB + 512 * 1024 + 4096] = \
-                bytes(4096)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        assert pread_direct(m.path("d"), 4 * MiB - 4096, 8192) == \
-            bytes(ref[4 * MiB - 4096:4 * MiB + 4096])
-    assert export(c, "rbd/" + name) == bytes(ref)
+    m = imgfs({"d": rbd_drive(c, "rbd/" + name, cache=cache)})
+    fd = os.open(m.drive("d"), os.O_RDWR)
+    try:
+        for i, (off, n) in enumerate(writes):
+            data = pattern(n, i)
+            assert os.pwrite(fd, data, off) == n
+            ref[off:off + n] = data
+        # Deallocate part of the 1 MiB write, zero another part.
+        fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 5 * MiB,
+                  256 * 1024)
+        ref[5 * MiB:5 * MiB + 256 * 1024] = bytes(256 * 1024)
+        fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,
+                  5 * MiB + 512 * 1024, 4096)
+        ref[5 * MiB + 512 * 1024:5 * MiB + 516 * 1024] = bytes(4096)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert pread_direct(m.drive("d"), 4 * MiB - 4096, 8192) == \
+        bytes(ref[4 * MiB - 4096:4 * MiB + 4096])
+    assert m.unmount() == 0
+    assert_same_bytes(export(c, "rbd/" + name), bytes(ref),
+                      "rbd export after writes through imgfs")
     refpath = tmp_path / "ref.raw"
     refpath.write_bytes(bytes(ref))
-    p = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw",
-                        str(refpath), c.uri("rbd/" + name)],
-                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                       timeout=120)
-    assert p.returncode == 0, p.stdout
+    out = run("qemu-img", "compare", "-f", "raw", "-F", "raw", refpath,
+              c.uri("rbd/" + name)).stdout
+    assert "Images are identical" in out
 
 
 def fio(*args, timeout=600):
-    p = subprocess.run(["fio", "--output-format=json"] + list(args),
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                       timeout=timeout)
-    assert p.returncode == 0, p.stderr.decode() + p.stdout.decode()[-2000:]
-    job = json.loads(p.stdout)["jobs"][0]
+    proc = run("fio", "--output-format=json", *args, timeout=timeout)
+    job = json.loads(proc.stdout)["jobs"][0]
     assert job["error"] == 0, job
     return job
 
 
 @pytest.mark.parametrize("cache", ["none", "writeback"])
-def test_fio_verify_iodepth32(ceph_cluster, tmp_path, cache):
+def test_fio_verify_iodepth32(ceph_cluster, imgfs, cache):
     """Async O_DIRECT random writes at iodepth 32, verified by fio, then
     verified again after a remount: the data is in the cluster."""
     c = ceph_cluster
@@ -339,64 +235,56 @@ def test_fio_verify_iodepth32(ceph_cluster, tmp_path, cache):
     common = ["--name=v", "--ioengine=libaio", "--direct=1", "--iodepth=32",
               "--rw=randwrite", "--bsrange=4k-64k", "--size=32M",
               "--verify=crc32c", "--verify_fatal=1", "--randseed=42"]
-    with Imgfs(tmp_path, drives, name="first") as m:
-        fio("--filename=" + m.path("d"), "--do_verify=1", *common)
-    with Imgfs(tmp_path, drives, name="again") as m:
-        fio("--filename=" + m.path("d"), "--verify_only", *common)
+    m = imgfs(drives, name="first")
+    fio("--filename=%s" % m.drive("d"), "--do_verify=1", *common)
+    assert m.unmount() == 0
+    m = imgfs(drives, name="again")
+    fio("--filename=%s" % m.drive("d"), "--verify_only", *common)
 
 
-def test_qcow2_in_rbd(ceph_cluster, tmp_path):
+def test_qcow2_in_rbd(ceph_cluster, imgfs, imgfs_bin, tmp_path):
     """format = qcow2 over the rbd protocol: a qcow2 file stored in an RBD
     image, which must grow as clusters are allocated."""
-    if not imgfs_has("formats", "qcow2"):
+    if not imgfs_has(imgfs_bin, "formats", "qcow2"):
         pytest.skip("this imgfs has no qcow2 driver yet ('imgfs formats' "
                     "does not list it); the test runs once it is merged")
     c = ceph_cluster
     local = tmp_path / "src.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(local),
-                    "64M"], check=True)
-    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x61 0 1M",
-                    "-c", "write -P 0x62 30M 64k", str(local)], check=True,
-                   stdout=subprocess.DEVNULL)
+    run("qemu-img", "create", "-q", "-f", "qcow2", local, "64M")
+    qemu_io(local, "write -P 0x61 0 1M", "write -P 0x62 30M 64k",
+            fmt="qcow2")
     c.rbd("import", "--no-progress", "--image-feature", "layering",
           str(local), "rbd/q2")
-    before = json.loads(c.rbd("info", "--format", "json", "rbd/q2"))["size"]
+    before = rbd_size(c, "rbd/q2")
     uri = c.uri("rbd/q2")
-    drive = {"file": uri, "format": "qcow2"}
-    with Imgfs(tmp_path, {"q": drive}) as m:
-        assert os.path.getsize(m.path("q")) == 64 * MiB
-        expect = subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O",
-                                 "raw", uri, "/dev/stdout"],
-                                stdout=subprocess.PIPE, check=True).stdout
-        with open(m.path("q"), "rb") as f:
-            assert f.read() == expect
-        data = pattern(3 * MiB, 7)
-        with open(m.path("q"), "r+b") as f:
-            f.seek(40 * MiB)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    after = json.loads(c.rbd("info", "--format", "json", "rbd/q2"))["size"]
-    assert after > before  # the RBD image grew under the qcow2
-    p = subprocess.run(["qemu-img", "check", "-f", "qcow2", uri],
-                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    assert p.returncode == 0, p.stdout
-    subprocess.run(["qemu-io", "-f", "qcow2", "-c",
-                    "write -P 0x00 40M 3M", str(local)], check=True,
-                   stdout=subprocess.DEVNULL)
+    m = imgfs({"q": {"file": uri, "format": "qcow2"}})
+    assert os.path.getsize(m.drive("q")) == 64 * MiB
+    expect = run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", uri,
+                 "/dev/stdout", text=False).stdout
+    assert_same_bytes(m.drive("q").read_bytes(), expect,
+                      "qcow2 in rbd vs qemu-img convert")
+    data = pattern(3 * MiB, 7)
+    fd = os.open(m.drive("q"), os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, 40 * MiB)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert m.unmount() == 0
+    assert rbd_size(c, "rbd/q2") > before  # the RBD image grew
+    run("qemu-img", "check", "-f", "qcow2", uri)
     refpath = tmp_path / "ref.raw"
-    subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw",
-                    str(local), str(refpath)], check=True)
-    with open(refpath, "r+b") as f:
-        f.seek(40 * MiB)
-        f.write(data)
-    p = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw",
-                        uri, str(refpath)], stdout=subprocess.PIPE,
-                       stderr=subprocess.STDOUT)
-    assert p.returncode == 0, p.stdout
+    ref = bytearray(expect)
+    ref[40 * MiB:43 * MiB] = data
+    refpath.write_bytes(bytes(ref))
+    out = run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", uri,
+              refpath).stdout
+    assert "Images are identical" in out
 
 
-def test_snapshot_read_only(ceph_cluster, tmp_path):
+def test_snapshot_read_only(ceph_cluster, imgfs, imgfs_bin, tmp_path):
+    """A snapshot is exposed read-only; asking to write it is an error
+    that says what to do."""
     c = ceph_cluster
     create_image(c, "snap", 8 * MiB)
     qemu_io(c.uri("rbd/snap"), "write -P 0x01 0 8M")
@@ -410,57 +298,53 @@ def test_snapshot_read_only(ceph_cluster, tmp_path):
                    "rbd.conf": c.conf, "read-only": "on"},
         "head": rbd_drive(c, "rbd/snap"),
     }
-    with Imgfs(tmp_path, drives) as m:
-        for d in ("s1", "s1keys"):
-            with open(m.path(d), "rb") as f:
-                assert f.read() == old
-            assert not os.stat(m.path(d)).st_mode & 0o222
-            with pytest.raises(OSError) as e:
-                fd = os.open(m.path(d), os.O_WRONLY)
-                try:
-                    os.pwrite(fd, b"x", 0)
-                finally:
-                    os.close(fd)
-            assert e.value.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
-        with open(m.path("head"), "rb") as f:
-            assert f.read() == export(c, "rbd/snap")
+    m = imgfs(drives)
+    for d in ("s1", "s1keys"):
+        assert_same_bytes(m.drive(d).read_bytes(), old, d)
+        assert not os.stat(m.drive(d)).st_mode & 0o222
+        with pytest.raises(OSError) as e:
+            fd = os.open(m.drive(d), os.O_WRONLY)
+            try:
+                os.pwrite(fd, b"x", 0)
+            finally:
+                os.close(fd)
+        assert e.value.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
+    assert_same_bytes(m.drive("head").read_bytes(), export(c, "rbd/snap"),
+                      "head")
+    assert m.unmount() == 0
     assert export(c, "rbd/snap@s1") == old
     # A snapshot opened for writing: a clear error, nothing mounted.
-    _, lines = mount_error(tmp_path, {"snapw": rbd_drive(c, "rbd/snap@s1")})
+    _, lines = mount_error(imgfs_bin, tmp_path,
+                           {"snapw": rbd_drive(c, "rbd/snap@s1")})
     assert len(lines) == 1, lines
     assert "drive 'snapw'" in lines[0]
     assert "snapshots are read-only" in lines[0]
     assert "read-only = on" in lines[0]
 
 
-def rbd_size(cluster, spec):
-    return json.loads(cluster.rbd("info", "--format", "json", spec))["size"]
-
-
-def test_resize(ceph_cluster, tmp_path):
+def test_resize(ceph_cluster, imgfs):
     c = ceph_cluster
     create_image(c, "rsz", 8 * MiB)
     qemu_io(c.uri("rbd/rsz"), "write -P 0x77 7M 1M")
-    with Imgfs(tmp_path, {"d": rbd_drive(c, "rbd/rsz")}) as m:
-        os.truncate(m.path("d"), 40 * MiB + 4096)
-        assert os.path.getsize(m.path("d")) == 40 * MiB + 4096
-        assert rbd_size(c, "rbd/rsz") == 40 * MiB + 4096
-        with open(m.path("d"), "r+b") as f:
-            f.seek(40 * MiB)
-            f.write(b"\x88" * 4096)
-            f.flush()
-            os.fsync(f.fileno())
-        os.truncate(m.path("d"), 24 * MiB)
-        assert os.path.getsize(m.path("d")) == 24 * MiB
-        assert rbd_size(c, "rbd/rsz") == 24 * MiB
-        os.truncate(m.path("d"), 40 * MiB + 4096)
-        assert rbd_size(c, "rbd/rsz") == 40 * MiB + 4096
+    m = imgfs({"d": rbd_drive(c, "rbd/rsz")})
+    d = m.drive("d")
+    os.truncate(d, 40 * MiB + 4096)
+    assert os.path.getsize(d) == 40 * MiB + 4096
+    assert rbd_size(c, "rbd/rsz") == 40 * MiB + 4096
+    pwrite_direct(d, 40 * MiB, b"\x88" * 4096)
+    assert export(c, "rbd/rsz")[40 * MiB:] == b"\x88" * 4096
+    os.truncate(d, 24 * MiB)
+    assert os.path.getsize(d) == 24 * MiB
+    assert rbd_size(c, "rbd/rsz") == 24 * MiB
+    os.truncate(d, 40 * MiB + 4096)
+    assert rbd_size(c, "rbd/rsz") == 40 * MiB + 4096
+    assert m.unmount() == 0
     data = export(c, "rbd/rsz")
     assert data[7 * MiB:8 * MiB] == b"\x77" * MiB
     assert data[8 * MiB:] == bytes(len(data) - 8 * MiB)  # shrunk away
 
 
-def test_seek_data_hole(ceph_cluster, tmp_path):
+def test_seek_data_hole(ceph_cluster, imgfs):
     """SEEK_DATA/SEEK_HOLE agree with rbd diff --whole-object."""
     c = ceph_cluster
     create_image(c, "sparse", 64 * MiB)
@@ -468,39 +352,34 @@ def test_seek_data_hole(ceph_cluster, tmp_path):
             "write -P 2 40M 5M", "write -P 3 63M 1M")
     extents = json.loads(c.rbd("diff", "--whole-object", "--format", "json",
                                "rbd/sparse"))
-    data = sorted((e["offset"], e["offset"] + e["length"]) for e in extents
-                  if e["exists"] == "true" or e["exists"] is True)
     merged = []
-    for s, e in data:
-        if merged and s <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], e)
+    for e in sorted(extents, key=lambda e: e["offset"]):
+        start, end = e["offset"], e["offset"] + e["length"]
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
         else:
-            merged.append([s, e])
+            merged.append([start, end])
     assert merged == [[12 * MiB, 16 * MiB], [40 * MiB, 48 * MiB],
                       [60 * MiB, 64 * MiB]]
-    with Imgfs(tmp_path, {"d": rbd_drive(c, "rbd/sparse",
-                                         **{"read-only": "on"})}) as m:
-        fd = os.open(m.path("d"), os.O_RDONLY)
-        try:
-            pos = 0
-            found = []
-            while True:
-                try:
-                    s = os.lseek(fd, pos, os.SEEK_DATA)
-                except OSError as e:
-                    assert e.errno == errno.ENXIO
-                    break
-                e = os.lseek(fd, s, os.SEEK_HOLE)
-                found.append([s, e])
-                pos = e
-                if pos >= 64 * MiB:
-                    break
-        finally:
-            os.close(fd)
+    m = imgfs({"d": rbd_drive(c, "rbd/sparse", **{"read-only": "on"})})
+    fd = os.open(m.drive("d"), os.O_RDONLY)
+    found = []
+    try:
+        pos = 0
+        while pos < 64 * MiB:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                assert e.errno == errno.ENXIO
+                break
+            pos = os.lseek(fd, start, os.SEEK_HOLE)
+            found.append([start, pos])
+    finally:
+        os.close(fd)
     assert found == merged
 
 
-def test_config_errors(ceph_cluster, tmp_path):
+def test_config_errors(ceph_cluster, imgfs_bin, tmp_path):
     """Bad rbd keys: one line naming the drive and the key, no mount."""
     c = ceph_cluster
     create_image(c, "cfg", MiB)
@@ -518,40 +397,39 @@ def test_config_errors(ceph_cluster, tmp_path):
          ["key 'rbd.option.rbd_cache'", "invalid value 'maybe'"]),
         ({"file": uri, "rbd.image": "other"},
          ["key 'rbd.image' is 'other'", "'cfg'"]),
-        ({"file": str(local), "rbd.pool": "rbd"},
+        ({"file": local, "rbd.pool": "rbd"},
          ["key 'rbd.pool' does not apply"]),
         ({"rbd.image": "nosuchimage", "rbd.conf": c.conf},
          ["image 'nosuchimage' does not exist in pool 'rbd'"]),
         ({"rbd.image": "cfg", "rbd.pool": "nosuchpool", "rbd.conf": c.conf},
          ["pool 'nosuchpool' does not exist"]),
-        ({"rbd.image": "cfg", "rbd.conf": str(tmp_path / "none.conf")},
+        ({"rbd.image": "cfg", "rbd.conf": tmp_path / "none.conf"},
          ["rbd.conf", "none.conf"]),
         ({"rbd.image": "cfg", "rbd.conf": c.conf, "rbd.user": "nobody"},
          ["client.nobody", "rbd.user"]),
         ({"file": "rbd:justapool"}, ["expected rbd:POOL/IMAGE"]),
     ]
     for keys, expect in cases:
-        _, lines = mount_error(tmp_path, {"bad": keys})
+        _, lines = mount_error(imgfs_bin, tmp_path, {"bad": keys})
         assert len(lines) == 1, (keys, lines)
+        assert lines[0].startswith("imgfs: "), lines
         assert "drive 'bad'" in lines[0], (keys, lines)
         for e in expect:
             assert e in lines[0], (keys, lines)
 
 
-def test_unreachable_cluster_open_fails(ceph_cluster, tmp_path):
+def test_unreachable_cluster_open_fails(ceph_cluster, imgfs_bin, tmp_path):
     """No monitor answers: the mount fails after rbd.timeout, naming the
     drive, instead of hanging."""
     c = ceph_cluster
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     conf = tmp_path / "dead.conf"
     conf.write_text("[global]\nmon host = 127.0.0.1:%d\nkeyring = %s\n"
                     "auth client required = cephx\n" % (port, c.keyring))
-    elapsed, lines = mount_error(tmp_path, {"far": {
-        "rbd.image": "cfg", "rbd.conf": str(conf), "rbd.timeout": "3"}},
+    elapsed, lines = mount_error(imgfs_bin, tmp_path, {"far": {
+        "rbd.image": "cfg", "rbd.conf": conf, "rbd.timeout": "3"}},
         timeout=60)
     print("\nunreachable cluster: mount failed after %.1f s "
           "(rbd.timeout = 3)" % elapsed)
@@ -561,7 +439,7 @@ def test_unreachable_cluster_open_fails(ceph_cluster, tmp_path):
     assert "no answer from the cluster within 3 s" in lines[0]
 
 
-def test_cluster_lost_mid_run(lost_ceph_cluster, tmp_path):
+def test_cluster_lost_mid_run(lost_ceph_cluster, imgfs, tmp_path):
     """The cluster vanishes under a mounted drive: its I/O fails with EIO
     after rbd.timeout, the daemon and the other drive keep working."""
     c = lost_ceph_cluster
@@ -572,76 +450,95 @@ def test_cluster_lost_mid_run(lost_ceph_cluster, tmp_path):
     timeout = 5
     drives = {
         "r": rbd_drive(c, "rbd/lost", cache="none",
-                       **{"rbd.timeout": str(timeout)}),
+                       **{"rbd.timeout": timeout}),
         "wb": rbd_drive(c, "rbd/lost", cache="writeback",
-                        **{"rbd.timeout": str(timeout),
-                           "read-only": "on"}),
-        "local": {"file": str(local), "format": "raw"},
+                        **{"rbd.timeout": timeout, "read-only": "on"}),
+        "local": {"file": local, "format": "raw"},
     }
-    m = Imgfs(tmp_path, drives).start()
-    try:
-        assert pread_direct(m.path("r"), 0, 4096) == b"\x42" * 4096
-        c.kill()
+    m = imgfs(drives)
+    assert pread_direct(m.drive("r"), 0, 4096) == b"\x42" * 4096
+    c.kill()
 
-        def timed(fn, *args):
-            t0 = time.monotonic()
-            with pytest.raises(OSError) as e:
-                fn(*args)
-            return e.value.errno, time.monotonic() - t0
+    def fails(fn, *args):
+        t0 = time.monotonic()
+        with pytest.raises(OSError) as e:
+            fn(*args)
+        return e.value.errno, time.monotonic() - t0
 
-        results = {}
+    results = {}
 
-        def run():
-            results["read"] = timed(pread_direct, m.path("r"), 8 * MiB, 4096)
-            results["write"] = timed(pwrite_direct, m.path("r"), 4 * MiB,
-                                     b"\x99" * 4096)
-            results["cached read"] = timed(pread_direct, m.path("wb"),
-                                           12 * MiB, 65536)
+    def lost_io():
+        results["read"] = fails(pread_direct, m.drive("r"), 8 * MiB, 4096)
+        results["write"] = fails(pwrite_direct, m.drive("r"), 4 * MiB,
+                                 b"\x99" * 4096)
+        results["read (librbd cache on)"] = fails(
+            pread_direct, m.drive("wb"), 12 * MiB, 65536)
 
-        # A watchdog, not a timing assertion: without the timeout the
-        # requests would never come back.
-        t = threading.Thread(target=run, daemon=True)
-        t.start()
-        t.join(timeout * 3 * 10)
-        assert not t.is_alive(), "I/O to the lost cluster still hangs"
-        for what, (err, secs) in results.items():
-            print("\nlost cluster: %s failed with %s after %.1f s "
-                  "(rbd.timeout = %d)" % (what, errno.errorcode[err], secs,
-                                          timeout))
-            assert err == errno.EIO, what
-        assert m.alive()
-        # The other drive and the daemon are fine.
-        assert pread_direct(m.path("local"), 0, 4096) == b"\x17" * 4096
-        pwrite_direct(m.path("local"), 4096, b"\x18" * 4096)
-        assert sorted(os.listdir(m.mnt)) == ["local", "r", "wb"]
-        assert "no answer from the cluster within 5 s" in m.log()
-    finally:
-        secs = m.stop(timeout=120)
-        print("\nlost cluster: unmount took %.1f s" % secs)
+    # A watchdog, not a timing assertion: without the timeout these
+    # requests would never come back.
+    t = threading.Thread(target=lost_io, daemon=True)
+    t.start()
+    t.join(timeout * 3 * 10)
+    assert not t.is_alive(), "I/O to the lost cluster still hangs"
+    for what, (err, secs) in results.items():
+        print("\nlost cluster: %s failed with %s after %.1f s "
+              "(rbd.timeout = %d)" % (what, errno.errorcode[err], secs,
+                                      timeout))
+        assert err == errno.EIO, what
+    assert m.returncode() is None, "imgfs died"
+    # The other drive and the daemon are fine.
+    assert pread_direct(m.drive("local"), 0, 4096) == b"\x17" * 4096
+    pwrite_direct(m.drive("local"), 4096, b"\x18" * 4096)
+    assert sorted(os.listdir(m.path)) == ["local", "r", "wb"]
+    assert "no answer from the cluster within 5 s" in m.stderr()
+    t0 = time.monotonic()
+    assert m.unmount(timeout=120) == 0
+    print("\nlost cluster: unmount took %.1f s" % (time.monotonic() - t0))
     assert local.read_bytes()[4096:8192] == b"\x18" * 4096
 
 
-def test_crashed_client_lock(ceph_cluster, tmp_path):
+def test_crashed_client_lock(ceph_cluster, imgfs, imgfs_bin, tmp_path):
     """An image whose exclusive lock a crashed imgfs still holds: a new
     imgfs writes to it once librbd has blocklisted the dead client."""
     c = ceph_cluster
     create_image(c, "locked", 8 * MiB, features="layering,exclusive-lock")
     drives = {"d": rbd_drive(c, "rbd/locked", cache="none")}
-    first = Imgfs(tmp_path, drives, name="first").start()
+
+    # The first client is started by hand: the imgfs fixture counts a
+    # daemon killed with SIGKILL as a failure.
+    config = write_config(tmp_path / "first.ini", drives)
+    mnt = tmp_path / "first"
+    mnt.mkdir()
+    log = tmp_path / "first.log"
+    with open(log, "wb") as err:
+        first = subprocess.Popen([str(imgfs_bin), "mount", "-f",
+                                  str(config), str(mnt)],
+                                 stdin=subprocess.DEVNULL, stdout=err,
+                                 stderr=err, env=daemon_env(),
+                                 start_new_session=True)
     try:
-        pwrite_direct(first.path("d"), 0, b"\x01" * 4096)
-        lockers = c.rbd("lock", "ls", "--format", "json", "rbd/locked")
-        assert json.loads(lockers), "the first client holds no lock"
+        deadline = time.monotonic() + 20
+        while not is_mounted(mnt):
+            assert first.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "first imgfs did not mount"
+            time.sleep(0.02)
+        pwrite_direct(mnt / "d", 0, b"\x01" * 4096)
+        lockers = json.loads(c.rbd("lock", "ls", "--format", "json",
+                                   "rbd/locked"))
+        assert lockers, "the first client holds no lock"
     finally:
-        first.crash()
-    with Imgfs(tmp_path, drives, name="second") as m:
-        t0 = time.monotonic()
-        pwrite_direct(m.path("d"), 4096, b"\x02" * 4096)
-        waited = time.monotonic() - t0
-        print("\ncrashed client: the new writer waited %.1f s for the "
-              "lock (librbd blocklists the dead client once its watch "
-              "expires)" % waited)
-    data = export(c, "rbd/locked")
-    assert data[:8192] == b"\x01" * 4096 + b"\x02" * 4096
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        unmount(mnt, lazy=True)
+
+    m = imgfs(drives, name="second")
+    t0 = time.monotonic()
+    pwrite_direct(m.drive("d"), 4096, b"\x02" * 4096)
+    waited = time.monotonic() - t0
+    print("\ncrashed client: the new writer waited %.1f s for the lock "
+          "(librbd blocklists the dead client once its watch expires)" %
+          waited)
+    assert m.unmount() == 0
+    assert export(c, "rbd/locked")[:8192] == b"\x01" * 4096 + b"\x02" * 4096
     blocklist = c.ceph("osd", "blocklist", "ls").decode()
     assert "127.0.0.1" in blocklist, blocklist
