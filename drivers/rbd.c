@@ -33,11 +33,19 @@
  * Snapshots are read-only: opening one for writing fails and asks for
  * read-only = on.  Cache modes map to librbd's cache: cache=none (and
  * directsync) turns rbd_cache off, so every acknowledged write is on the
- * OSDs and FUA is free; the other modes keep librbd's writeback cache and
- * tell it to trust our flushes from the start
+ * OSDs and FUA is free; the other modes keep librbd's cache with its
+ * policy (librbd 16 defaults to writearound: writes go straight to the
+ * OSDs, reads are cached; rbd.option.rbd_cache_policy = writeback holds
+ * writes until a flush) and tell it to trust our flushes from the start
  * (rbd_cache_writethrough_until_flush = false), because imgfs promises
  * durability on fsync only.  rbd.option.* is applied last and overrides
  * all of this.
+ *
+ * librbd copies the data of every write (rbd_disable_zero_copy_writes
+ * stays true).  Its zero-copy mode would save that copy, but it holds
+ * the completion back until the messenger lets go of the buffer, which
+ * it never does while the OSD is unreachable: writes to a cluster that
+ * went away then hang instead of failing after rbd.timeout.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -710,7 +718,8 @@ static int drv_rbd_result(BlockDriverState *bs, DrvRbdOp op, int64_t offset,
     DrvRbdState *s = bs->opaque;
 
     if (ret >= 0) {
-        if (s->failing) {
+        /* A flush with nothing to write proves nothing about the cluster. */
+        if (s->failing && op != DRV_RBD_FLUSH) {
             log_info("%s: I/O works again", s->who);
             s->failing = false;
         }

@@ -179,8 +179,12 @@ def test_rbd_keys_and_namespace(ceph_cluster, imgfs, imgfs_bin):
     assert info["format-specific"]["image-name"] == "img"
 
 
-@pytest.mark.parametrize("cache", ["writeback", "none"])
+@pytest.mark.parametrize("cache",
+                         ["writeback", "none", "writethrough", "unsafe"])
 def test_writes_seen_by_rbd_and_qemu(ceph_cluster, imgfs, tmp_path, cache):
+    """Writes through imgfs are in the cluster: at once with cache=none and
+    writethrough, after fsync with writeback (librbd's cache flushed),
+    after the unmount with unsafe (fsync ignored, close flushes)."""
     c = ceph_cluster
     name = "wr-" + cache
     size = 16 * MiB
@@ -188,7 +192,14 @@ def test_writes_seen_by_rbd_and_qemu(ceph_cluster, imgfs, tmp_path, cache):
     ref = bytearray(size)
     writes = [(0, 4096), (4097, 1000), (4 * MiB - 100, 200),
               (5 * MiB, MiB), (size - 777, 777)]
-    m = imgfs({"d": rbd_drive(c, "rbd/" + name, cache=cache)})
+    keys = {"cache": cache}
+    if cache in ("writeback", "unsafe"):
+        # librbd's default policy (writearound) sends writes straight to
+        # the OSDs; make its cache hold them, long enough that only a
+        # flush can have written them when fsync returns.
+        keys.update({"rbd.option.rbd_cache_policy": "writeback",
+                     "rbd.option.rbd_cache_max_dirty_age": "60"})
+    m = imgfs({"d": rbd_drive(c, "rbd/" + name, **keys)})
     fd = os.open(m.drive("d"), os.O_RDWR)
     try:
         for i, (off, n) in enumerate(writes):
@@ -202,7 +213,13 @@ def test_writes_seen_by_rbd_and_qemu(ceph_cluster, imgfs, tmp_path, cache):
         fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,
                   5 * MiB + 512 * 1024, 4096)
         ref[5 * MiB + 512 * 1024:5 * MiB + 516 * 1024] = bytes(4096)
+        if cache in ("none", "writethrough"):
+            assert_same_bytes(export(c, "rbd/" + name), bytes(ref),
+                              "rbd export before fsync (cache=%s)" % cache)
         os.fsync(fd)
+        if cache != "unsafe":
+            assert_same_bytes(export(c, "rbd/" + name), bytes(ref),
+                              "rbd export after fsync, still mounted")
     finally:
         os.close(fd)
     assert pread_direct(m.drive("d"), 4 * MiB - 4096, 8192) == \

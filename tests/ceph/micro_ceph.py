@@ -63,12 +63,15 @@ class MicroCeph:
     """A single-node cluster in ``directory`` (a new temporary one if None)."""
 
     def __init__(self, directory=None, pool="rbd", osd_bytes=4 << 30,
-                 extra_conf=""):
+                 extra_conf="", osd_shards=1, osd_threads=2):
         self.owns_dir = directory is None
         self.dir = directory or tempfile.mkdtemp(prefix="imgfs-ceph-")
         self.pool = pool
         self.osd_bytes = osd_bytes
         self.extra_conf = extra_conf
+        # OSD op queue: shards x threads per shard (small for tests)
+        self.osd_shards = osd_shards
+        self.osd_threads = osd_threads
         self.conf = os.path.join(self.dir, "ceph.conf")
         self.keyring = os.path.join(self.dir, "keyring")
         self.run_dir = os.path.join(self.dir, "run")
@@ -160,11 +163,14 @@ mon cluster log file = {self.log_dir}/mon-cluster.log
 osd data = {d}/osd
 osd objectstore = memstore
 memstore device bytes = {self.osd_bytes}
+# Objects as pages, not one growing bufferlist: small writes into big
+# objects otherwise cost the OSD hundreds of microseconds each.
+memstore page set = true
 osd crush initial weight = 1
 osd class load list = *
 osd class default list = *
-osd op num shards = 1
-osd op num threads per shard = 2
+osd op num shards = {self.osd_shards}
+osd op num threads per shard = {self.osd_threads}
 [client]
 log file = /dev/null
 admin socket =
