@@ -251,7 +251,8 @@ def test_fio_verify_iodepth32(ceph_cluster, imgfs, cache):
     drives = {"d": rbd_drive(c, "rbd/" + name, cache=cache)}
     common = ["--name=v", "--ioengine=libaio", "--direct=1", "--iodepth=32",
               "--rw=randwrite", "--bsrange=4k-64k", "--size=32M",
-              "--verify=crc32c", "--verify_fatal=1", "--randseed=42"]
+              "--verify=crc32c", "--verify_fatal=1", "--randseed=42",
+              "--verify_state_save=0"]
     m = imgfs(drives, name="first")
     fio("--filename=%s" % m.drive("d"), "--do_verify=1", *common)
     assert m.unmount() == 0
