@@ -31,6 +31,7 @@ from conftest import (
     MiB,
     SANITIZER_MARKS,
     assert_same_bytes,
+    call_with_timeout,
     daemon_env,
     error_lines,
     fallocate,
@@ -551,7 +552,11 @@ def test_crashed_client_lock(ceph_cluster, imgfs, imgfs_bin, tmp_path):
 
     m = imgfs(drives, name="second")
     t0 = time.monotonic()
-    pwrite_direct(m.drive("d"), 4096, b"\x02" * 4096)
+    # A watchdog, not a timing assertion: librbd's default watch timeout
+    # is 30 s; a write still waiting after minutes is stuck for good.
+    done, _ = call_with_timeout(
+        lambda: pwrite_direct(m.drive("d"), 4096, b"\x02" * 4096), 300)
+    assert done, "the new writer never got the lock"
     waited = time.monotonic() - t0
     print("\ncrashed client: the new writer waited %.1f s for the lock "
           "(librbd blocklists the dead client once its watch expires)" %
