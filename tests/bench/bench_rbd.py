@@ -10,10 +10,7 @@ memstore, 127.0.0.1): its figures measure the clients, not disks.  Each
 target gets its own image of the same size, fully written first:
 
     imgfs     `imgfs mount -f`, file = rbd:rbd/img-imgfs, format = raw,
-              cache = none: librbd's cache off (rbd_cache = false);
-              default event loops (iothreads: one per CPU, at most 4)
-    imgfs-1t  the same with iothreads = 1: with one drive, a second
-              event loop only forwards requests to the drive's own
+              cache = none: librbd's cache off (rbd_cache = false)
     rbd-fuse  Debian's rbd-fuse -f -r img-fuse, with a ceph.conf that also
               turns rbd_cache off (the matching configuration)
     rbd-bench `rbd bench` on img-bench: librbd's own asynchronous loop with
@@ -23,7 +20,7 @@ fio runs libaio with O_DIRECT on the exposed files (time based); rbd bench
 runs a fixed amount of I/O with as many requests in flight as fio's
 iodepth.  The page cache is dropped before every job, the targets take
 turns within each round, and the table quotes the median of the rounds and
-the ratios imgfs/rbd-fuse and imgfs/rbd-bench (and the same for imgfs-1t).  These machines are shared
+the ratios imgfs/rbd-fuse and imgfs/rbd-bench.  These machines are shared
 and have two cores, which the OSD, the client and fio share: compare within
 one run only.
 """
@@ -57,9 +54,9 @@ JOBS = [
     ("4M write QD16", "write", "4M", 16, "MiB/s", ("write", "seq"), "4G"),
     ("4M read QD16", "read", "4M", 16, "MiB/s", ("read", "seq"), "4G"),
 ]
-TARGETS = ["imgfs", "imgfs-1t", "rbd-fuse", "rbd-bench"]
-IMAGES = {"imgfs": "img-imgfs", "imgfs-1t": "img-imgfs1", "rbd-fuse":
-          "img-fuse", "rbd-bench": "img-bench"}
+TARGETS = ["imgfs", "rbd-fuse", "rbd-bench"]
+IMAGES = {"imgfs": "img-imgfs", "rbd-fuse": "img-fuse",
+          "rbd-bench": "img-bench"}
 
 
 def log(msg):
@@ -213,22 +210,19 @@ def main():
         log(f"bench_rbd: {len(images)} images of {args.size_mib} MiB "
             "written")
 
-        for t, settings in (("imgfs", ""), ("imgfs-1t",
-                                              "[imgfs]\niothreads = 1\n")):
-            mnt = work / (t + "-mnt")
-            mnt.mkdir()
-            config = work / (t + ".ini")
-            config.write_text(f"{settings}[disk0]\n"
-                              f"file = {cluster.uri('rbd/' + images[t])}\n"
-                              "format = raw\ncache = none\n")
-            try:
-                d = Daemon(t, [str(args.imgfs), "mount", "-f", str(config),
-                               str(mnt)], mnt / "disk0", mnt,
-                           work / (t + ".log"))
-                daemons.append(d)
-                paths[t] = d.target
-            except (RuntimeError, OSError) as e:
-                unavailable[t] = str(e)
+        mnt = work / "imgfs-mnt"
+        mnt.mkdir()
+        config = work / "imgfs.ini"
+        config.write_text(f"[disk0]\nfile = {cluster.uri('rbd/img-imgfs')}\n"
+                          "format = raw\ncache = none\n")
+        try:
+            d = Daemon("imgfs", [str(args.imgfs), "mount", "-f", str(config),
+                                 str(mnt)], mnt / "disk0", mnt,
+                       work / "imgfs.log")
+            daemons.append(d)
+            paths["imgfs"] = d.target
+        except (RuntimeError, OSError) as e:
+            unavailable["imgfs"] = str(e)
 
         fuse_conf = work / "rbd-fuse.conf"
         fuse_conf.write_text(Path(cluster.conf).read_text() +
@@ -279,26 +273,23 @@ def main():
     print(f"fio libaio direct=1 on the exposed file, time based "
           f"{args.runtime} s per job; page cache dropped before each job")
     print("imgfs:     cache = none (librbd cache off; imgfs has no O_DIRECT "
-          f"to use on RBD), default iothreads, {args.imgfs}")
-    print("imgfs-1t:  the same with iothreads = 1")
+          f"to use on RBD), {args.imgfs}")
     print("rbd-fuse:  rbd-fuse -f, ceph.conf with rbd cache = false")
     print("rbd-bench: rbd bench, --io-threads = fio's iodepth, "
           "--io-total as listed")
     for t, why in unavailable.items():
         print(f"{t}: n/a: {why}")
     print()
-    head = f"{'job':<19}{'unit':<7}" + "".join(f"{t:>10}" for t in TARGETS)
-    head += "   imgfs/fuse  /bench   1t/fuse  /bench"
+    head = f"{'job':<19}{'unit':<7}" + "".join(f"{t:>11}" for t in TARGETS)
+    head += f"{'imgfs/rbd-fuse':>16}{'imgfs/rbd-bench':>17}"
     print(head)
     print("-" * len(head))
     for label, *_, unit, _, _ in JOBS:
         med = {t: median(results[label][t]) for t in TARGETS}
         row = f"{label:<19}{unit:<7}"
-        row += "".join(f"{fmt(med[t], unit):>10}" for t in TARGETS)
-        row += f"{ratio(med['imgfs'], med['rbd-fuse']):>13}"
-        row += f"{ratio(med['imgfs'], med['rbd-bench']):>8}"
-        row += f"{ratio(med['imgfs-1t'], med['rbd-fuse']):>10}"
-        row += f"{ratio(med['imgfs-1t'], med['rbd-bench']):>8}"
+        row += "".join(f"{fmt(med[t], unit):>11}" for t in TARGETS)
+        row += f"{ratio(med['imgfs'], med['rbd-fuse']):>16}"
+        row += f"{ratio(med['imgfs'], med['rbd-bench']):>17}"
         print(row)
     if args.rounds > 1:
         print("\nevery round:")
