@@ -15,6 +15,7 @@ fails instead, because CI installs everything.
 import ctypes
 import ctypes.util
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -553,3 +554,194 @@ def stop_process(proc, sig=signal.SIGTERM, timeout=5):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+# -- the control interface, fio, qemu-storage-daemon (drive options) -----
+
+
+def wait_for(predicate, timeout, what, interval=0.05):
+    """Poll PREDICATE until it returns a true value; fail after TIMEOUT s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}",
+                        pytrace=False)
+        time.sleep(interval)
+
+
+def imgfs_run(*args, timeout=60):
+    """Run `imgfs ARGS` (status, resume, reload, formats, ...); no check."""
+    return subprocess.run(
+        [str(IMGFS_BIN), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+CONTROL_XATTR = "user.imgfs.control"
+
+
+def control_socket(mount):
+    """The control socket of MOUNT, once it is listening.
+
+    With `imgfs mount -f` the mount point can appear a moment before the
+    socket does (see test_control.py); wait for it here.
+    """
+    def listening():
+        try:
+            path = os.getxattr(mount.path, CONTROL_XATTR).decode()
+        except OSError:
+            return None
+        return path if os.path.exists(path) else None
+
+    return wait_for(listening, MOUNT_TIMEOUT, "the control socket")
+
+
+def imgfs_status(mount):
+    """`imgfs status --json MOUNT` as a dict; fail if it does not answer."""
+    control_socket(mount)
+    proc = imgfs_run("status", "--json", mount.path)
+    assert proc.returncode == 0, f"imgfs status failed: {proc.stderr}"
+    return json.loads(proc.stdout)
+
+
+def drive_status(mount, name="disk0"):
+    """One drive's entry of `imgfs status --json`."""
+    drives = {d["name"]: d for d in imgfs_status(mount)["drives"]}
+    assert name in drives, f"drive {name!r} not in status: {sorted(drives)}"
+    return drives[name]
+
+
+def require_format(name):
+    """Skip (fail in CI) unless `imgfs formats` lists format NAME."""
+    proc = imgfs_run("formats")
+    listed = [line.split()[0] for line in proc.stdout.splitlines()
+              if line.startswith("  ")]
+    if name not in listed:
+        unavailable(f"this imgfs build has no {name} driver "
+                    f"(`imgfs formats` lists {', '.join(listed)})")
+
+
+def fio_args(filename, **options):
+    args = ["fio", "--output-format=json", "--verify_state_save=0"]
+    if filename is not None:
+        args.append(f"--filename={filename}")
+    for key, value in options.items():
+        args.append(f"--{key}={value}")
+    return args
+
+
+def fio_report(stdout):
+    """fio's JSON report (fio may print warnings before it)."""
+    return json.loads(stdout[stdout.index("{"):])
+
+
+def run_fio(filename, timeout=300, **options):
+    """Run fio --OPTION=VALUE on FILENAME; fail on any error; its jobs."""
+    proc = run(*fio_args(filename, **options), check=False, timeout=timeout)
+    assert proc.returncode == 0, f"fio failed:\n{proc.stdout}\n{proc.stderr}"
+    jobs = fio_report(proc.stdout)["jobs"]
+    for job in jobs:
+        assert job["error"] == 0, f"fio job {job['jobname']}: {job['error']}"
+    return jobs
+
+
+def start_fio(filename, **options):
+    """Start fio in the background; finish it with fio_wait()."""
+    require_tool("fio")
+    return subprocess.Popen(
+        fio_args(filename, **options),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def fio_wait(proc, timeout=300):
+    """Wait for a start_fio() run; fail on any error; its jobs."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"fio still running after {timeout} s:\n{err}",
+                    pytrace=False)
+    assert proc.returncode == 0, f"fio failed:\n{out}\n{err}"
+    jobs = fio_report(out)["jobs"]
+    for job in jobs:
+        assert job["error"] == 0, f"fio job {job['jobname']}: {job['error']}"
+    return jobs
+
+
+def ofd_locked(path):
+    """True if some process holds an OFD lock on the file PATH."""
+    st = os.stat(path)
+    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    with open("/proc/locks") as f:
+        return any(line.split()[1] == "OFDLCK" and dev in line.split()
+                   for line in f)
+
+
+class StorageDaemon:
+    """A qemu-storage-daemon exporting one block node as a FUSE file."""
+
+    def __init__(self, proc, export, log):
+        self.proc = proc
+        self.export = Path(export)
+        self.log = Path(log)
+
+
+@pytest.fixture
+def qsd(tmp_path):
+    """Factory: qsd(blockdevs, export=None, writable=True) -> StorageDaemon.
+
+    BLOCKDEVS are --blockdev values; the last one is exported over FUSE
+    on the regular file EXPORT (created) when EXPORT is given.  Waits until
+    the export is mounted (or the image locked); stops the daemon at
+    teardown.  Request this fixture before `imgfs`, so that imgfs goes
+    first at teardown.
+    """
+    binary = require_tool("qemu-storage-daemon")
+    started = []
+
+    def start(blockdevs, export=None, writable=True, lock=None):
+        args = [binary]
+        for spec in blockdevs:
+            args += ["--blockdev", spec]
+        if export is not None:
+            Path(export).touch()
+            node = re.search(r"node-name=([^,]+)", blockdevs[-1]).group(1)
+            args += ["--export",
+                     f"type=fuse,id=exp0,node-name={node},mountpoint={export},"
+                     f"writable={'on' if writable else 'off'}"]
+        log = tmp_path / f"qsd{len(started)}.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(args, stdin=subprocess.DEVNULL,
+                                    stdout=out, stderr=out,
+                                    start_new_session=True)
+        daemon = StorageDaemon(proc, export or "", log)
+        started.append(daemon)
+
+        def ready():
+            if proc.poll() is not None:
+                pytest.fail(f"qemu-storage-daemon exited {proc.returncode}:"
+                            f"\n{log.read_text()}", pytrace=False)
+            if export is not None and not is_mounted(export):
+                return False
+            return lock is None or ofd_locked(lock)
+
+        wait_for(ready, MOUNT_TIMEOUT, "qemu-storage-daemon to start")
+        return daemon
+
+    yield start
+
+    for daemon in reversed(started):
+        stop_process(daemon.proc, timeout=15)
+        if daemon.export.name and is_mounted(daemon.export):
+            unmount(daemon.export, lazy=True)

@@ -73,7 +73,26 @@ struct AioContext {
 
     /* Set while an iothread runs this context (atomic). */
     int thread_running;
+
+    /* Adaptive busy polling before sleeping (owner thread only). */
+    int64_t poll_max_ns;
+    int64_t poll_ns;
+
+    void *slots[AIO_SLOT_COUNT];
+    void (*slot_destroy[AIO_SLOT_COUNT])(void *);
 };
+
+void *aio_context_slot(AioContext *ctx, AioSlot slot)
+{
+    return ctx->slots[slot];
+}
+
+void aio_context_set_slot(AioContext *ctx, AioSlot slot, void *state,
+                          void (*destroy)(void *state))
+{
+    ctx->slots[slot] = state;
+    ctx->slot_destroy[slot] = destroy;
+}
 
 static __thread AioContext *aio_tls_current;
 
@@ -124,9 +143,16 @@ AioContext *aio_context_new(const char *name, GError **errp)
 void aio_context_free(AioContext *ctx)
 {
     AioBH *bh, *next;
+    int i;
 
     if (!ctx) {
         return;
+    }
+    for (i = 0; i < AIO_SLOT_COUNT; i++) {
+        if (ctx->slots[i] && ctx->slot_destroy[i]) {
+            ctx->slot_destroy[i](ctx->slots[i]);
+        }
+        ctx->slots[i] = NULL;
     }
     /* Oneshot or deleted BHs that never ran. */
     for (bh = ctx->bh_head; bh; bh = next) {
@@ -157,6 +183,10 @@ void aio_notify(AioContext *ctx)
 {
     uint64_t one = 1;
 
+    /* The owner looks at its lists before it sleeps: no wake-up needed. */
+    if (aio_tls_current == ctx) {
+        return;
+    }
     if (!__atomic_exchange_n(&ctx->notified, 1, __ATOMIC_SEQ_CST)) {
         if (write(ctx->evfd, &one, sizeof(one)) < 0 && errno != EAGAIN) {
             log_error("event loop %s: cannot notify: %s", ctx->name,
@@ -477,6 +507,47 @@ void coroutine_fn co_sleep_ns(int64_t ns)
     aio_timer_free(t);
 }
 
+void aio_context_set_poll_max_ns(AioContext *ctx, int64_t max_ns)
+{
+    ctx->poll_max_ns = max_ns > 0 ? max_ns : 0;
+    ctx->poll_ns = 0;
+}
+
+/*
+ * Wait for events, first spinning for up to poll_ns: a request or a
+ * completion that arrives within microseconds then costs no sleep and no
+ * wake-up.  The window adapts like QEMU's iothreads: it grows while events
+ * arrive a little after it ends and shrinks when waits are long.
+ */
+static int aio_poll_wait(AioContext *ctx, struct epoll_event *events, int max,
+                         struct timespec *tsp)
+{
+    int64_t start = aio_clock_ns();
+    int64_t block_ns;
+    int n = 0;
+
+    if (ctx->poll_ns > 0) {
+        do {
+            n = epoll_wait(ctx->epfd, events, max, 0);
+        } while (n == 0 && aio_clock_ns() - start < ctx->poll_ns);
+    }
+    if (n == 0) {
+        n = epoll_pwait2(ctx->epfd, events, max, tsp, NULL);
+    }
+    block_ns = aio_clock_ns() - start;
+    if (block_ns <= ctx->poll_ns) {
+        /* polling was enough */
+    } else if (block_ns > ctx->poll_max_ns) {
+        ctx->poll_ns = ctx->poll_ns > 8000 ? ctx->poll_ns / 2 : 0;
+    } else if (ctx->poll_ns < ctx->poll_max_ns) {
+        ctx->poll_ns = ctx->poll_ns ? ctx->poll_ns * 2 : 4000;
+        if (ctx->poll_ns > ctx->poll_max_ns) {
+            ctx->poll_ns = ctx->poll_max_ns;
+        }
+    }
+    return n;
+}
+
 bool aio_poll(AioContext *ctx, bool blocking)
 {
     struct epoll_event events[64];
@@ -509,7 +580,11 @@ bool aio_poll(AioContext *ctx, bool blocking)
         ts.tv_nsec = wait_ns % 1000000000;
     }
 
-    n = epoll_pwait2(ctx->epfd, events, ARRAY_SIZE(events), tsp, NULL);
+    if (wait_ns != 0 && ctx->poll_max_ns > 0) {
+        n = aio_poll_wait(ctx, events, ARRAY_SIZE(events), tsp);
+    } else {
+        n = epoll_pwait2(ctx->epfd, events, ARRAY_SIZE(events), tsp, NULL);
+    }
     if (n < 0 && errno != EINTR) {
         log_error("event loop %s: epoll: %s", ctx->name, strerror(errno));
     }

@@ -58,6 +58,10 @@ void aio_set_fd_handler(AioContext *ctx, int fd, IOHandler *io_read,
  */
 bool aio_poll(AioContext *ctx, bool blocking);
 
+/* Spin up to @max_ns for events before sleeping (0: never).  Owner
+ * thread or before the context runs. */
+void aio_context_set_poll_max_ns(AioContext *ctx, int64_t max_ns);
+
 /* Wake a context sleeping in aio_poll().  Any thread. */
 void aio_notify(AioContext *ctx);
 
@@ -102,6 +106,21 @@ void aio_run_sync(AioContext *ctx, void (*fn)(void *), void *opaque);
  * travel through @opaque.  Not from coroutine context.
  */
 void aio_co_run_sync(AioContext *ctx, CoroutineEntry *fn, void *opaque);
+
+/*
+ * Per-context state of other modules (the io_uring ring, the Linux AIO
+ * context of the file driver), destroyed with the context.  Owner thread
+ * only.
+ */
+typedef enum AioSlot {
+    AIO_SLOT_URING,
+    AIO_SLOT_LINUX_AIO,
+    AIO_SLOT_COUNT,
+} AioSlot;
+
+void *aio_context_slot(AioContext *ctx, AioSlot slot);
+void aio_context_set_slot(AioContext *ctx, AioSlot slot, void *state,
+                          void (*destroy)(void *state));
 
 /* Iothreads: a thread running one AioContext until stopped. */
 IOThread *iothread_new(const char *name, GError **errp);

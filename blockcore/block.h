@@ -21,6 +21,8 @@
 #include "coroutine.h"
 #include "iov.h"
 #include "options.h"
+#include "stats.h"
+#include "throttle.h"
 
 typedef struct BlockBackend BlockBackend;
 
@@ -30,20 +32,53 @@ typedef enum BlockAioMode {
     BLOCK_AIO_NATIVE,
 } BlockAioMode;
 
+typedef enum BlockDetectZeroes {
+    BLOCK_DETECT_ZEROES_OFF,
+    BLOCK_DETECT_ZEROES_ON,
+    BLOCK_DETECT_ZEROES_UNMAP,
+} BlockDetectZeroes;
+
+/* What a failed request does (werror, rerror). */
+typedef enum BlockErrorPolicy {
+    BLOCK_ERROR_REPORT, /* fail the request */
+    BLOCK_ERROR_IGNORE, /* pretend it succeeded */
+    BLOCK_ERROR_ENOSPC, /* stop on ENOSPC, report other errors */
+    BLOCK_ERROR_STOP,   /* hold it and later requests until resumed */
+} BlockErrorPolicy;
+
+typedef enum BlockLocking {
+    BLOCK_LOCKING_AUTO,
+    BLOCK_LOCKING_ON,
+    BLOCK_LOCKING_OFF,
+} BlockLocking;
+
 /* A drive's settings, as parsed from its config group. */
 typedef struct BlockBackendOptions {
     char *file;   /* image file name or protocol URI; may be NULL if the
                      protocol's own keys name the image (rbd.image) */
     char *format; /* NULL: probe the content */
     bool read_only;
+    bool auto_read_only; /* fall back to read-only if not writable */
+    bool snapshot;       /* writes go to a temporary overlay */
     bool cache_direct;   /* open host files with O_DIRECT */
     bool cache_no_flush; /* ignore flushes (cache=unsafe) */
     bool write_cache;    /* false: every write is durable when acknowledged */
     BlockAioMode aio;
     bool discard_unmap; /* discard=unmap: punching holes deallocates */
+    BlockDetectZeroes detect_zeroes;
+    BlockErrorPolicy werror;
+    BlockErrorPolicy rerror;
+    BlockLocking locking;
+    bool force_share; /* read-only: tolerate other writers (qemu-img -U) */
+    ThrottleConfig throttle;
+    char *throttle_group;
+    bool stats_account_invalid;
+    bool stats_account_failed;
+    unsigned *stats_intervals; /* seconds */
+    unsigned n_stats_intervals;
     /* Driver keys: "raw.offset" -> "1M".  Owned. */
     GHashTable *driver_opts;
-    /* The keys given, for diagnostics ("cache" set explicitly...). */
+    /* The generic keys given, as written. */
     GHashTable *given;
 } BlockBackendOptions;
 
@@ -56,8 +91,14 @@ void blk_options_clear(BlockBackendOptions *o);
  */
 int blk_options_set(BlockBackendOptions *o, const char *key, const char *value,
                     GError **errp);
-/* Whole-drive checks once every key is set (e.g. a file is named). */
-bool blk_options_check(const BlockBackendOptions *o, GError **errp);
+/* Whole-drive checks once every key is set (e.g. a file is named);
+ * resolves the cache keys. */
+bool blk_options_check(BlockBackendOptions *o, GError **errp);
+/* Copy of @src (for per-drive defaults taken from a global group). */
+void blk_options_copy(BlockBackendOptions *dst, const BlockBackendOptions *src);
+/* Do two drive settings differ in anything that needs a reopen? */
+bool blk_options_equal(const BlockBackendOptions *a,
+                       const BlockBackendOptions *b);
 /* The generic keys and their descriptions, for --help. */
 const OptDesc *blk_option_table(void);
 /* A local file name relative to @base_dir made absolute; URIs of other
@@ -107,6 +148,20 @@ int coroutine_fn blk_co_zero_status(BlockBackend *blk, int64_t offset,
 
 /* Wait until no request of this backend is in flight. */
 void coroutine_fn blk_co_drain(BlockBackend *blk);
+
+/* Stopped by an error (werror/rerror = stop)?  Any thread.  *reason is
+ * a copy to g_free(). */
+bool blk_is_stopped(BlockBackend *blk, char **reason);
+/* Retry the held requests.  Any thread. */
+void blk_resume(BlockBackend *blk);
+/* Fail the held requests and stop holding (at unmount).  Any thread. */
+void blk_abort_held(BlockBackend *blk);
+/*
+ * Everything "imgfs status" shows about the drive, as a JSON object:
+ * state, options in effect, image chain, statistics.  Any thread (runs
+ * in the drive's context and waits).
+ */
+void blk_status_json(BlockBackend *blk, GString *out);
 
 /* One node of a drive's image chain, for "imgfs info" and status. */
 typedef struct BlockNodeInfo {

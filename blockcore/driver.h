@@ -68,10 +68,12 @@ enum {
     BDRV_O_FORCE_SHARE = 1 << 7,  /* read-only: tolerate other writers */
     BDRV_O_UNMAP = 1 << 8,        /* discard requests may deallocate */
     BDRV_O_CREATE = 1 << 9,       /* protocol: create or truncate the file */
+    BDRV_O_LOCK_STRICT = 1 << 10, /* locking=on: fail if locks unsupported */
 };
 #define BDRV_O_INHERIT_MASK                                                    \
     (BDRV_O_NOCACHE | BDRV_O_NO_FLUSH | BDRV_O_AIO_IO_URING |                  \
-     BDRV_O_AIO_NATIVE | BDRV_O_NO_LOCK | BDRV_O_FORCE_SHARE | BDRV_O_UNMAP)
+     BDRV_O_AIO_NATIVE | BDRV_O_NO_LOCK | BDRV_O_FORCE_SHARE | BDRV_O_UNMAP |  \
+     BDRV_O_LOCK_STRICT)
 
 /* Answers of co_block_status. */
 #define BDRV_BLOCK_DATA 0x01         /* reads come from *file at *map */
@@ -276,6 +278,7 @@ struct BlockDriverState {
     /* Request tracking (io.c). */
     BdrvTrackedList tracked_requests;
     int in_flight;
+    int serialising_in_flight;
     uint64_t write_gen;   /* bumped by every write */
     uint64_t flushed_gen; /* write_gen at the last completed flush */
     bool flush_running;

@@ -9,12 +9,14 @@
 
 extern const BlockDriver bdrv_file;
 extern const BlockDriver bdrv_raw;
+extern const BlockDriver bdrv_vmdk;
 #ifdef CONFIG_RBD
 extern const BlockDriver bdrv_rbd;
 #endif
 
 static const BlockDriver *const bdrv_drivers[] = {
     &bdrv_raw,
+    &bdrv_vmdk,
     &bdrv_file,
 #ifdef CONFIG_RBD
     &bdrv_rbd,

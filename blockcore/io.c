@@ -45,19 +45,6 @@ struct BdrvTrackedRequest {
     LIST_ENTRY(BdrvTrackedRequest) list;
 };
 
-/* Number of serialising requests per node lives here to keep the
- * fast path (none in flight) a single test. */
-static int bdrv_serialising_count(BlockDriverState *bs)
-{
-    BdrvTrackedRequest *req;
-    int n = 0;
-
-    LIST_FOREACH (req, &bs->tracked_requests, list) {
-        n += req->serialising;
-    }
-    return n;
-}
-
 static void tracked_request_begin(BdrvTrackedRequest *req, BlockDriverState *bs,
                                   int64_t offset, int64_t bytes,
                                   BdrvReqType type)
@@ -77,6 +64,9 @@ static void tracked_request_begin(BdrvTrackedRequest *req, BlockDriverState *bs,
 
 static void tracked_request_end(BdrvTrackedRequest *req)
 {
+    if (req->serialising) {
+        req->bs->serialising_in_flight--;
+    }
     LIST_REMOVE(req, list);
     req->bs->in_flight--;
     co_queue_restart_all(&req->wait_queue);
@@ -90,6 +80,9 @@ static void tracked_request_set_serialising(BdrvTrackedRequest *req,
                       ? INT64_MAX
                       : ALIGN_UP(req->offset + req->bytes, align);
 
+    if (!req->serialising) {
+        req->bs->serialising_in_flight++;
+    }
     req->serialising = true;
     req->overlap_offset = start;
     req->overlap_bytes = end - start;
@@ -100,7 +93,8 @@ static void coroutine_fn wait_serialising_requests(BdrvTrackedRequest *self)
     BlockDriverState *bs = self->bs;
     bool retry;
 
-    if (!self->serialising && bdrv_serialising_count(bs) == 0) {
+    /* The common case, nothing serialising in flight, costs one test. */
+    if (!self->serialising && bs->serialising_in_flight == 0) {
         return;
     }
     do {

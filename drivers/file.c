@@ -19,16 +19,24 @@
 #include <unistd.h>
 
 #include "blockcore/driver.h"
+#include "blockcore/linux-aio.h"
+#include "blockcore/log.h"
 #include "blockcore/thread-pool.h"
+#include "blockcore/uring.h"
 
 typedef struct FileState {
     int fd;
+    AioUring *uring; /* aio=io_uring: this event loop's ring */
+    LinuxAio *laio;  /* aio=native: this event loop's AIO context */
     bool is_bdev;
     uint32_t dio_align;     /* O_DIRECT offset/length alignment */
     uint32_t dio_mem_align; /* O_DIRECT buffer alignment */
     bool no_punch_hole;     /* fallocate modes found unsupported */
     bool no_zero_range;
     bool no_seek_data;
+    bool locked; /* counted in locked_files */
+    dev_t lock_dev;
+    ino_t lock_ino;
 } FileState;
 
 /* One system call for the worker pool. */
@@ -195,6 +203,219 @@ static void file_probe_dio_alignment(FileState *s)
 #endif
 }
 
+/*
+ * Image locking, compatible with QEMU's: a process holding permission P
+ * on an image takes a shared OFD lock on byte 100 + P; one that does not
+ * let others have P locks byte 200 + P.  Before using an image we check
+ * that nobody refuses what we take (200 + P) and nobody holds what we
+ * refuse (100 + P).  imgfs never shares "write" or "resize": a running
+ * QEMU and imgfs (or two imgfs) can never both write one image.
+ */
+enum {
+    LOCK_PERM_BASE = 100,
+    LOCK_SHARED_BASE = 200,
+};
+enum {
+    PERM_CONSISTENT_READ = 0,
+    PERM_WRITE = 1,
+    PERM_WRITE_UNCHANGED = 2,
+    PERM_RESIZE = 3,
+    PERM_COUNT = 4,
+};
+static const char *const perm_names[PERM_COUNT] = {
+    "consistent read",
+    "write",
+    "write unchanged",
+    "resize",
+};
+
+static int file_lock_byte(int fd, off_t off)
+{
+    struct flock fl = {
+        .l_type = F_RDLCK,
+        .l_whence = SEEK_SET,
+        .l_start = off,
+        .l_len = 1,
+    };
+
+    return fcntl(fd, F_OFD_SETLK, &fl) < 0 ? -errno : 0;
+}
+
+/* Does another open file hold a lock on byte @off? */
+static int file_byte_locked(int fd, off_t off, bool *locked)
+{
+    struct flock fl = {
+        .l_type = F_WRLCK,
+        .l_whence = SEEK_SET,
+        .l_start = off,
+        .l_len = 1,
+    };
+
+    if (fcntl(fd, F_OFD_GETLK, &fl) < 0) {
+        return -errno;
+    }
+    *locked = fl.l_type != F_UNLCK;
+    return 0;
+}
+
+/*
+ * Files this process has locked.  OFD locks cannot tell our own other
+ * open files from another process's, so the same file opened twice by
+ * one drive (a vmdk descriptor listing two extents of one file) would
+ * conflict with itself: such reopens are counted here instead.  Two
+ * drives of one mount writing the same image are refused as two
+ * processes would be.
+ */
+typedef struct LockedFile {
+    dev_t dev;
+    ino_t ino;
+    char *drive;
+    bool write;
+    int count;
+} LockedFile;
+
+static int file_lock_bytes(FileState *s, const char *filename, int flags,
+                           GError **errp);
+
+static GMutex locked_files_lock;
+static GList *locked_files; /* LockedFile *, protected by locked_files_lock */
+
+static LockedFile *locked_file_find(dev_t dev, ino_t ino)
+{
+    GList *l;
+
+    for (l = locked_files; l; l = l->next) {
+        LockedFile *lf = l->data;
+
+        if (lf->dev == dev && lf->ino == ino) {
+            return lf;
+        }
+    }
+    return NULL;
+}
+
+static void locked_file_put(FileState *s)
+{
+    LockedFile *lf;
+
+    if (!s->locked) {
+        return;
+    }
+    g_mutex_lock(&locked_files_lock);
+    lf = locked_file_find(s->lock_dev, s->lock_ino);
+    if (lf && --lf->count == 0) {
+        locked_files = g_list_remove(locked_files, lf);
+        g_free(lf->drive);
+        g_free(lf);
+    }
+    g_mutex_unlock(&locked_files_lock);
+    s->locked = false;
+}
+
+static int file_lock_image(FileState *s, const char *filename, int flags,
+                           const char *drive, GError **errp)
+{
+    struct stat st;
+    LockedFile *lf;
+    int ret;
+
+    if ((flags & BDRV_O_NO_LOCK) || (flags & BDRV_O_FORCE_SHARE) ||
+        fstat(s->fd, &st) < 0) {
+        return 0;
+    }
+    g_mutex_lock(&locked_files_lock);
+    lf = locked_file_find(st.st_dev, st.st_ino);
+    if (lf) {
+        bool write = flags & BDRV_O_RDWR;
+
+        if (g_strcmp0(lf->drive, drive) && (write || lf->write)) {
+            g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_PERM,
+                        "image '%s' is in use: drive '%s' of this mount "
+                        "has it open%s (locking)",
+                        filename, lf->drive ? lf->drive : "?",
+                        lf->write ? " for writing" : "");
+            g_mutex_unlock(&locked_files_lock);
+            return -EBUSY;
+        }
+        lf->count++;
+        lf->write |= write;
+        g_mutex_unlock(&locked_files_lock);
+        s->locked = true;
+        s->lock_dev = st.st_dev;
+        s->lock_ino = st.st_ino;
+        return 0;
+    }
+    ret = file_lock_bytes(s, filename, flags, errp);
+    if (ret == 0) {
+        lf = g_new0(LockedFile, 1);
+        lf->dev = st.st_dev;
+        lf->ino = st.st_ino;
+        lf->drive = g_strdup(drive);
+        lf->write = flags & BDRV_O_RDWR;
+        lf->count = 1;
+        locked_files = g_list_prepend(locked_files, lf);
+        s->locked = true;
+        s->lock_dev = st.st_dev;
+        s->lock_ino = st.st_ino;
+    }
+    g_mutex_unlock(&locked_files_lock);
+    return ret;
+}
+
+static int file_lock_bytes(FileState *s, const char *filename, int flags,
+                           GError **errp)
+{
+    unsigned perm = 1u << PERM_CONSISTENT_READ;
+    unsigned unshared = (1u << PERM_WRITE) | (1u << PERM_RESIZE);
+    int i, ret = 0;
+    bool locked;
+
+    if ((flags & BDRV_O_NO_LOCK) || (flags & BDRV_O_FORCE_SHARE)) {
+        return 0;
+    }
+    if (flags & BDRV_O_RDWR) {
+        perm |= (1u << PERM_WRITE) | (1u << PERM_RESIZE);
+    }
+    for (i = 0; i < PERM_COUNT && ret == 0; i++) {
+        if (perm & (1u << i)) {
+            ret = file_lock_byte(s->fd, LOCK_PERM_BASE + i);
+        }
+        if (ret == 0 && (unshared & (1u << i))) {
+            ret = file_lock_byte(s->fd, LOCK_SHARED_BASE + i);
+        }
+    }
+    if (ret < 0) {
+        if (flags & BDRV_O_LOCK_STRICT) {
+            g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(-ret),
+                        "cannot lock '%s' (locking = on): %s", filename,
+                        g_strerror(-ret));
+            return ret;
+        }
+        return 0; /* locking = auto: the file system cannot lock */
+    }
+    for (i = 0; i < PERM_COUNT; i++) {
+        if ((perm & (1u << i)) &&
+            file_byte_locked(s->fd, LOCK_SHARED_BASE + i, &locked) == 0 &&
+            locked) {
+            g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_PERM,
+                        "image '%s' is in use: another process does not "
+                        "share its '%s' permission (locking)",
+                        filename, perm_names[i]);
+            return -EBUSY;
+        }
+        if ((unshared & (1u << i)) &&
+            file_byte_locked(s->fd, LOCK_PERM_BASE + i, &locked) == 0 &&
+            locked) {
+            g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_PERM,
+                        "image '%s' is in use: another process holds it "
+                        "with '%s' permission (locking)",
+                        filename, perm_names[i]);
+            return -EBUSY;
+        }
+    }
+    return 0;
+}
+
 static int coroutine_fn file_co_open(BlockDriverState *bs, GHashTable *opts,
                                      int flags, GError **errp)
 {
@@ -261,10 +482,30 @@ static int coroutine_fn file_co_open(BlockDriverState *bs, GHashTable *opts,
         return (int)len;
     }
     bs->total_bytes = len;
+    if (file_lock_image(s, filename, flags, bs->drive_name, errp) < 0) {
+        close(s->fd);
+        return -EBUSY;
+    }
     if (flags & BDRV_O_NOCACHE) {
         file_probe_dio_alignment(s);
     }
     bs->supported_write_flags = BDRV_REQ_FUA;
+    if (flags & BDRV_O_AIO_IO_URING) {
+        GError *err = NULL;
+
+        s->uring = aio_uring_get(bs->ctx, &err);
+        if (!s->uring) {
+            log_warning("%s: %s; using aio=threads", filename, err->message);
+            g_error_free(err);
+        }
+    } else if (flags & BDRV_O_AIO_NATIVE) {
+        s->laio = linux_aio_get(bs->ctx, errp);
+        if (!s->laio) {
+            locked_file_put(s);
+            close(s->fd);
+            return -ENOTSUP;
+        }
+    }
     return 0;
 }
 
@@ -272,6 +513,7 @@ static void coroutine_fn file_co_close(BlockDriverState *bs)
 {
     FileState *s = bs->opaque;
 
+    locked_file_put(s);
     close(s->fd);
 }
 
@@ -309,12 +551,20 @@ static int coroutine_fn file_co_rw(BlockDriverState *bs, int type,
     };
     int ret;
 
-    /* The job edits its iovec array while it advances: use a copy. */
+    /* The I/O edits its iovec array while it advances: use a copy. */
     iov_init(&part);
     iov_concat(&part, qiov, qoff, bytes);
-    job.iov = part.iov;
-    job.niov = part.niov;
-    ret = file_co_job(&job);
+    if (s->uring) {
+        ret = aio_uring_co_rw(s->uring, type == FILE_JOB_WRITE, s->fd, part.iov,
+                              part.niov, offset, bytes, rwflags);
+    } else if (s->laio) {
+        ret = linux_aio_co_rw(s->laio, type == FILE_JOB_WRITE, s->fd, part.iov,
+                              part.niov, offset, bytes, rwflags);
+    } else {
+        job.iov = part.iov;
+        job.niov = part.niov;
+        ret = file_co_job(&job);
+    }
     iov_destroy(&part);
     return ret;
 }
@@ -344,6 +594,9 @@ static int coroutine_fn file_co_flush(BlockDriverState *bs)
     FileState *s = bs->opaque;
     FileJob job = {.fd = s->fd, .type = FILE_JOB_FLUSH};
 
+    if (s->uring) {
+        return aio_uring_co_fdatasync(s->uring, s->fd);
+    }
     return file_co_job(&job);
 }
 
@@ -358,6 +611,9 @@ static int coroutine_fn file_co_fallocate(FileState *s, int mode,
         .bytes = bytes,
     };
 
+    if (s->uring) {
+        return aio_uring_co_fallocate(s->uring, s->fd, mode, offset, bytes);
+    }
     return file_co_job(&job);
 }
 

@@ -90,6 +90,9 @@ static int coroutine_fn raw_co_open(BlockDriverState *bs, GHashTable *opts,
     s->size = opt_get_size(opts, "size", 0);
     s->probed = flags & BDRV_O_PROBED;
     co_mutex_init(&s->sector0_lock);
+    /* Requests pass straight through: so can FUA. */
+    bs->supported_write_flags = bs->file->bs->supported_write_flags;
+    bs->supported_zero_flags = bs->file->bs->supported_zero_flags;
 
     if (s->offset > (uint64_t)file_len) {
         g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,

@@ -17,6 +17,7 @@
 
 #define IFS_GLOBAL_GROUP "imgfs"
 #define IFS_MAX_IOTHREADS 64
+#define IFS_DEFAULT_POLL_MAX_NS 32000
 
 typedef struct ConfigLines {
     GHashTable *group_line; /* group -> line of its header */
@@ -154,8 +155,21 @@ static bool config_check_drive_name(const char *path, int line,
     return true;
 }
 
+/* Drive keys that make no sense as a default for every drive. */
+static bool config_key_is_per_drive(const char *key)
+{
+    return !strcmp(key, "file") || !strcmp(key, "format") ||
+           !strcmp(key, "snapshot") || !strcmp(key, "iothread") ||
+           (strchr(key, '.') && !g_str_has_prefix(key, "cache.") &&
+            !g_str_has_prefix(key, "throttling."));
+}
+
+/*
+ * [imgfs]: daemon settings, and defaults for every drive written with the
+ * drive keys' own names (cache = none, werror = stop, ...).
+ */
 static bool config_load_global(IfsConfig *cfg, GKeyFile *kf, ConfigLines *cl,
-                               GError **errp)
+                               GPtrArray *defaults, GError **errp)
 {
     g_auto(GStrv) keys = NULL;
     int i;
@@ -181,6 +195,42 @@ static bool config_load_global(IfsConfig *cfg, GKeyFile *kf, ConfigLines *cl,
                 return false;
             }
             cfg->iothreads = n;
+        } else if (!strcmp(keys[i], "poll-max-ns")) {
+            uint64_t n;
+
+            if (opt_parse_number(v, &n) < 0 || n > 1000000) {
+                config_error(errp, cfg->path, line,
+                             "[imgfs]: key 'poll-max-ns': invalid value '%s' "
+                             "(use 0 to 1000000 nanoseconds)",
+                             v);
+                return false;
+            }
+            cfg->poll_max_ns = n;
+        } else if (!strcmp(keys[i], "control")) {
+            if (!*v) {
+                config_error(errp, cfg->path, line,
+                             "[imgfs]: key 'control': invalid empty value");
+                return false;
+            }
+            g_free(cfg->control);
+            cfg->control = blk_resolve_filename(v, cfg->dir);
+        } else if (opt_find(blk_option_table(), keys[i]) &&
+                   !config_key_is_per_drive(keys[i])) {
+            BlockBackendOptions scratch;
+            GError *err = NULL;
+            int ret;
+
+            blk_options_init(&scratch);
+            ret = blk_options_set(&scratch, keys[i], v, &err);
+            blk_options_clear(&scratch);
+            if (ret < 0) {
+                config_error(errp, cfg->path, line, "[imgfs]: %s",
+                             err->message);
+                g_error_free(err);
+                return false;
+            }
+            g_ptr_array_add(defaults, g_strdup(keys[i]));
+            g_ptr_array_add(defaults, g_steal_pointer(&v));
         } else {
             config_error(errp, cfg->path, line, "[imgfs]: unknown key '%s'",
                          keys[i]);
@@ -201,18 +251,25 @@ static void drive_config_free(gpointer p)
 
 static IfsDriveConfig *config_load_drive(IfsConfig *cfg, GKeyFile *kf,
                                          ConfigLines *cl, const char *group,
-                                         GError **errp)
+                                         GPtrArray *defaults, GError **errp)
 {
     IfsDriveConfig *dc = g_new0(IfsDriveConfig, 1);
     g_auto(GStrv) keys = g_key_file_get_keys(kf, group, NULL, NULL);
     GError *local_err = NULL;
+    unsigned d;
     int i;
 
     dc->name = g_strdup(group);
     dc->line = GPOINTER_TO_INT(g_hash_table_lookup(cl->group_line, group));
+    dc->iothread = -1;
     blk_options_init(&dc->opts);
     if (!config_check_drive_name(cfg->path, dc->line, group, errp)) {
         goto fail;
+    }
+    for (d = 0; d < defaults->len; d += 2) {
+        /* already checked in [imgfs] */
+        blk_options_set(&dc->opts, g_ptr_array_index(defaults, d),
+                        g_ptr_array_index(defaults, d + 1), NULL);
     }
     for (i = 0; keys && keys[i]; i++) {
         g_autofree char *v = g_key_file_get_value(kf, group, keys[i], NULL);
@@ -220,6 +277,19 @@ static IfsDriveConfig *config_load_drive(IfsConfig *cfg, GKeyFile *kf,
         int ret;
 
         g_strstrip(v);
+        if (!strcmp(keys[i], "iothread")) {
+            uint64_t n;
+
+            if (opt_parse_number(v, &n) < 0 || n >= cfg->iothreads) {
+                config_error(errp, cfg->path, line,
+                             "drive '%s': key 'iothread': invalid value '%s' "
+                             "(use 0 to %u: [imgfs] iothreads = %u)",
+                             group, v, cfg->iothreads - 1, cfg->iothreads);
+                goto fail;
+            }
+            dc->iothread = n;
+            continue;
+        }
         ret = blk_options_set(&dc->opts, keys[i], v, &local_err);
         if (ret == -ENOENT) {
             config_error(errp, cfg->path, line, "drive '%s': unknown key '%s'",
@@ -232,6 +302,10 @@ static IfsDriveConfig *config_load_drive(IfsConfig *cfg, GKeyFile *kf,
             g_clear_error(&local_err);
             goto fail;
         }
+    }
+    if (dc->opts.format && !strcmp(dc->opts.format, "help")) {
+        cfg->format_help = true;
+        return dc;
     }
     if (!blk_options_check(&dc->opts, &local_err)) {
         config_error(errp, cfg->path, dc->line, "drive '%s': %s", group,
@@ -252,6 +326,37 @@ fail:
     return NULL;
 }
 
+/* Drives of one throttling group must not name different limits. */
+static bool config_check_groups(IfsConfig *cfg, GError **errp)
+{
+    unsigned i, j;
+
+    for (i = 0; i < cfg->drives->len; i++) {
+        IfsDriveConfig *a = g_ptr_array_index(cfg->drives, i);
+
+        if (!a->opts.throttle_group ||
+            !throttle_config_enabled(&a->opts.throttle)) {
+            continue;
+        }
+        for (j = i + 1; j < cfg->drives->len; j++) {
+            IfsDriveConfig *b = g_ptr_array_index(cfg->drives, j);
+
+            if (b->opts.throttle_group &&
+                !strcmp(a->opts.throttle_group, b->opts.throttle_group) &&
+                throttle_config_enabled(&b->opts.throttle) &&
+                !throttle_config_equal(&a->opts.throttle, &b->opts.throttle)) {
+                config_error(errp, cfg->path, b->line,
+                             "drive '%s': key 'throttling.group': group '%s' "
+                             "already has other limits (drive '%s'); give "
+                             "the limits once or the same everywhere",
+                             b->name, b->opts.throttle_group, a->name);
+                return false;
+            }
+        }
+    }
+    return true;
+}
+
 IfsConfig *ifs_config_load(const char *path, GError **errp)
 {
     IfsConfig *cfg = g_new0(IfsConfig, 1);
@@ -259,6 +364,7 @@ IfsConfig *ifs_config_load(const char *path, GError **errp)
     g_autofree char *text = NULL;
     g_autofree char *abs = NULL;
     g_auto(GStrv) groups = NULL;
+    g_autoptr(GPtrArray) defaults = g_ptr_array_new_with_free_func(g_free);
     ConfigLines cl;
     GError *local_err = NULL;
     gsize len;
@@ -270,6 +376,7 @@ IfsConfig *ifs_config_load(const char *path, GError **errp)
     cfg->path = g_strdup(path);
     cfg->drives = g_ptr_array_new_with_free_func(drive_config_free);
     cfg->iothreads = 0;
+    cfg->poll_max_ns = IFS_DEFAULT_POLL_MAX_NS;
 
     if (access(path, R_OK) < 0) {
         int err = errno;
@@ -292,6 +399,7 @@ IfsConfig *ifs_config_load(const char *path, GError **errp)
     }
     abs = g_canonicalize_filename(path, NULL);
     cfg->dir = g_path_get_dirname(abs);
+    cfg->abs_path = g_strdup(abs);
 
     if (!config_scan(path, text, &cl, errp)) {
         goto fail;
@@ -302,8 +410,13 @@ IfsConfig *ifs_config_load(const char *path, GError **errp)
         g_error_free(local_err);
         goto fail;
     }
-    if (!config_load_global(cfg, kf, &cl, errp)) {
+    if (!config_load_global(cfg, kf, &cl, defaults, errp)) {
         goto fail;
+    }
+    if (!cfg->iothreads) {
+        long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+
+        cfg->iothreads = ncpu < 1 ? 1 : (ncpu > 4 ? 4 : ncpu);
     }
     groups = g_key_file_get_groups(kf, NULL);
     for (i = 0; groups[i]; i++) {
@@ -312,7 +425,7 @@ IfsConfig *ifs_config_load(const char *path, GError **errp)
         if (!strcmp(groups[i], IFS_GLOBAL_GROUP)) {
             continue;
         }
-        dc = config_load_drive(cfg, kf, &cl, groups[i], errp);
+        dc = config_load_drive(cfg, kf, &cl, groups[i], defaults, errp);
         if (!dc) {
             goto fail;
         }
@@ -324,10 +437,8 @@ IfsConfig *ifs_config_load(const char *path, GError **errp)
                      "file = IMAGE)");
         goto fail;
     }
-    if (!cfg->iothreads) {
-        long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
-
-        cfg->iothreads = ncpu < 1 ? 1 : (ncpu > 4 ? 4 : ncpu);
+    if (!cfg->format_help && !config_check_groups(cfg, errp)) {
+        goto fail;
     }
     g_hash_table_unref(cl.group_line);
     g_hash_table_unref(cl.key_line);
@@ -346,7 +457,9 @@ void ifs_config_free(IfsConfig *cfg)
         return;
     }
     g_free(cfg->path);
+    g_free(cfg->abs_path);
     g_free(cfg->dir);
+    g_free(cfg->control);
     g_ptr_array_unref(cfg->drives);
     g_free(cfg);
 }

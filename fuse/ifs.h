@@ -19,19 +19,27 @@
 
 #define IFS_VERSION "0.1.0"
 
+/* Extended attribute of the mount's root naming its control socket. */
+#define IFS_CONTROL_XATTR "user.imgfs.control"
+
 /* ---- config.c ---- */
 
 typedef struct IfsDriveConfig {
     char *name;
-    int line; /* of the [group] header */
+    int line;     /* of the [group] header */
+    int iothread; /* index of the event loop serving it; -1: spread */
     BlockBackendOptions opts;
 } IfsDriveConfig;
 
 typedef struct IfsConfig {
-    char *path; /* as given */
-    char *dir;  /* absolute directory of the config file */
+    char *path;     /* as given, for messages */
+    char *abs_path; /* absolute, for reloads after the daemon detached */
+    char *dir;      /* absolute directory of the config file */
     unsigned iothreads;
-    GPtrArray *drives; /* IfsDriveConfig *, in file order */
+    int64_t poll_max_ns; /* iothreads' busy polling window */
+    char *control;       /* control socket path, NULL: the default */
+    bool format_help;    /* some drive says "format = help" */
+    GPtrArray *drives;   /* IfsDriveConfig *, in file order */
 } IfsConfig;
 
 /*
@@ -52,9 +60,16 @@ typedef struct IfsDrive {
     BlockBackend *blk;
     AioContext *ctx;
     bool read_only;
-    int refcnt;       /* atomic: the drive table and each open file */
+    int refcnt;       /* atomic: the drive table, open files, requests */
+    int open_count;   /* atomic: open files */
     int64_t mtime_ns; /* atomic: last write, for getattr */
+    IfsMount *mount;
+    /* As configured, to tell what a reload changes. */
+    BlockBackendOptions opts;
+    int iothread;
 } IfsDrive;
+
+typedef struct IfsControl IfsControl;
 
 struct IfsMount {
     IfsConfig *cfg;
@@ -79,6 +94,9 @@ struct IfsMount {
     uid_t uid;
     gid_t gid;
     int64_t start_ns; /* CLOCK_REALTIME at mount */
+    fuse_ino_t next_ino;
+    IfsControl *control;
+    char *control_path;
 };
 
 /* Mount, serve until unmounted or signalled, clean up.  Returns the
@@ -87,10 +105,34 @@ int ifs_mount_main(IfsConfig *cfg, const char *mountpoint, bool foreground,
                    char **fuse_opts);
 
 IfsDrive *ifs_drive_ref(IfsDrive *d);
+/* Drop a reference; the last one closes the drive from the main loop. */
 void ifs_drive_unref(IfsDrive *d);
 /* Look up a drive (with a reference) by inode or name. */
 IfsDrive *ifs_find_drive_ino(IfsMount *m, fuse_ino_t ino);
 IfsDrive *ifs_find_drive_name(IfsMount *m, const char *name);
+/* Look up a drive for open(): a reference and one more open file. */
+IfsDrive *ifs_open_drive_ino(IfsMount *m, fuse_ino_t ino);
+void ifs_release_drive(IfsDrive *d);
+/* The drives, each with a reference (unref them, free the array). */
+GPtrArray *ifs_list_drives(IfsMount *m);
+
+/*
+ * Re-read the config file: add new drives, remove deleted ones, reopen
+ * changed ones that no program has open.  Main thread.  Returns false
+ * (and changes nothing) if the new config is bad; @report describes what
+ * happened as a JSON object.
+ */
+bool ifs_mount_reload(IfsMount *m, GString *report, GError **errp);
+
+/* ---- control.c ---- */
+
+/* Where the control socket of a mount point is when not configured. */
+char *ifs_control_default_path(const char *mountpoint);
+/* Listen on the mount's control socket (main loop). */
+IfsControl *ifs_control_start(IfsMount *m, const char *path, GError **errp);
+void ifs_control_stop(IfsControl *c);
+/* Client: send one request line, return the reply line. */
+char *ifs_control_call(const char *path, const char *request, GError **errp);
 
 /* Receive buffers: the write payload lands page aligned. */
 typedef struct IfsBuf IfsBuf;

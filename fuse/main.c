@@ -4,13 +4,17 @@
  */
 #include <errno.h>
 #include <getopt.h>
+#include <malloc.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
+#include <sys/xattr.h>
+
 #include "ifs.h"
+#include "json.h"
 #include "blockcore/log.h"
 #include "blockcore/thread-pool.h"
 
@@ -19,6 +23,9 @@ static void usage(FILE *out)
     fprintf(out,
             "Usage: imgfs mount [-f] [-o FUSE_OPTIONS] CONFIG MOUNTPOINT\n"
             "       imgfs info [--json] [--format FORMAT] IMAGE\n"
+            "       imgfs status [--json] MOUNTPOINT\n"
+            "       imgfs resume MOUNTPOINT [DRIVE]\n"
+            "       imgfs reload MOUNTPOINT\n"
             "       imgfs formats\n"
             "       imgfs --help | --version\n"
             "\n"
@@ -102,9 +109,17 @@ static int cmd_mount(int argc, char **argv)
         g_error_free(err);
         return 1;
     }
+    if (cfg->format_help) {
+        g_autoptr(GString) s = g_string_new(NULL);
+
+        blk_list_drivers(s);
+        fputs(s->str, stdout);
+        ifs_config_free(cfg);
+        return 0;
+    }
+    /* The mount owns the config from here (a reload replaces it). */
     status = ifs_mount_main(cfg, argv[optind + 1], foreground,
                             (char **)fuse_opts->pdata);
-    ifs_config_free(cfg);
     return status;
 }
 
@@ -304,8 +319,239 @@ static int cmd_info(int argc, char **argv)
     return 0;
 }
 
+/* The control socket of a mount: what its root says, or the default. */
+static char *control_path_of(const char *mountpoint)
+{
+    char buf[4096];
+    ssize_t n = lgetxattr(mountpoint, IFS_CONTROL_XATTR, buf, sizeof(buf) - 1);
+
+    if (n > 0) {
+        buf[n] = '\0';
+        return g_strdup(buf);
+    }
+    return ifs_control_default_path(mountpoint);
+}
+
+/* Send @request to the daemon of @mountpoint; its "return" or NULL. */
+static JsonValue *control_request(const char *mountpoint, const char *request,
+                                  JsonValue **reply)
+{
+    g_autofree char *path = control_path_of(mountpoint);
+    g_autofree char *line = NULL;
+    GError *err = NULL;
+    JsonValue *r, *ret;
+
+    line = ifs_control_call(path, request, &err);
+    if (!line) {
+        log_error("%s: %s (is imgfs mounted there?)", mountpoint, err->message);
+        g_error_free(err);
+        return NULL;
+    }
+    r = json_parse(line, &err);
+    if (!r) {
+        log_error("%s: bad answer from imgfs: %s", mountpoint, err->message);
+        g_error_free(err);
+        return NULL;
+    }
+    if (json_get_str(r, "error", NULL)) {
+        log_error("%s", json_get_str(r, "error", NULL));
+        json_free(r);
+        return NULL;
+    }
+    ret = json_get(r, "return");
+    if (!ret) {
+        log_error("%s: bad answer from imgfs", mountpoint);
+        json_free(r);
+        return NULL;
+    }
+    *reply = r;
+    return ret;
+}
+
+static char *human_size(double bytes)
+{
+    return g_format_size_full((guint64)bytes, G_FORMAT_SIZE_IEC_UNITS);
+}
+
+static void status_print_drive(JsonValue *d)
+{
+    JsonValue *opts = json_get(d, "options");
+    JsonValue *stats = json_get(d, "stats");
+    JsonValue *chain = json_get(d, "chain");
+    JsonValue *thr = json_get(opts, "throttling");
+    g_autofree char *size = human_size(json_get_num(d, "size", 0));
+    static const char *const kinds[] = {"read", "write", "flush", "discard"};
+    unsigned i;
+
+    printf("%-16s %-8s %10s  %s\n", json_get_str(d, "name", "?"),
+           json_get_str(d, "state", "?"), size,
+           json_get_bool(opts, "read-only", false) ? "read-only"
+                                                   : "read-write");
+    if (json_get_str(d, "stop-reason", NULL)) {
+        printf("  stopped by:  %s (resume with 'imgfs resume')\n",
+               json_get_str(d, "stop-reason", NULL));
+    }
+    for (i = 0; chain && i < chain->items->len; i++) {
+        JsonValue *n = g_ptr_array_index(chain->items, i);
+
+        printf("  %-11s  %s (%s)\n",
+               i ? "backing:" : "image:", json_get_str(n, "filename", "?"),
+               json_get_str(n, "format", "?"));
+    }
+    printf(
+        "  options:     cache.direct=%s cache.no-flush=%s write-cache=%s "
+        "aio=%s detect-zeroes=%s discard=%s werror=%s rerror=%s "
+        "locking=%s%s%s\n",
+        json_get_bool(json_get(opts, "cache"), "direct", false) ? "on" : "off",
+        json_get_bool(json_get(opts, "cache"), "no-flush", false) ? "on"
+                                                                  : "off",
+        json_get_bool(json_get(opts, "cache"), "writeback", true) ? "on"
+                                                                  : "off",
+        json_get_str(opts, "aio", "?"),
+        json_get_str(opts, "detect-zeroes", "?"),
+        json_get_str(opts, "discard", "?"), json_get_str(opts, "werror", "?"),
+        json_get_str(opts, "rerror", "?"), json_get_str(opts, "locking", "?"),
+        json_get_bool(opts, "snapshot", false) ? " snapshot=on" : "",
+        json_get_bool(opts, "force-share", false) ? " force-share=on" : "");
+    if (thr && thr->items->len) {
+        g_autoptr(GString) t = g_string_new(NULL);
+
+        json_write(thr, t);
+        printf("  throttling:  %s\n", t->str);
+    }
+    for (i = 0; i < G_N_ELEMENTS(kinds); i++) {
+        JsonValue *k = json_get(stats, kinds[i]);
+        double ops = json_get_num(k, "ops", 0);
+        double ns = json_get_num(k, "total-time-ns", 0);
+        g_autofree char *bytes = human_size(json_get_num(k, "bytes", 0));
+
+        printf("  %-8s     %.0f ops, %s, avg %.1f us, %.0f failed, %.0f "
+               "invalid\n",
+               kinds[i], ops, bytes, ops ? ns / ops / 1000 : 0,
+               json_get_num(k, "failed", 0), json_get_num(k, "invalid", 0));
+    }
+}
+
+static int cmd_status(int argc, char **argv)
+{
+    bool json = false;
+    JsonValue *reply = NULL, *ret;
+    int i, first = 1;
+
+    for (i = 1; i < argc && argv[i][0] == '-'; i++, first++) {
+        if (!strcmp(argv[i], "--json")) {
+            json = true;
+        } else {
+            log_error("status: unknown option '%s'", argv[i]);
+            return 2;
+        }
+    }
+    if (argc - first != 1) {
+        log_error("status needs MOUNTPOINT (try 'imgfs --help')");
+        return 2;
+    }
+    ret = control_request(argv[first], "{\"command\": \"status\"}", &reply);
+    if (!ret) {
+        return 1;
+    }
+    if (json) {
+        g_autoptr(GString) out = g_string_new(NULL);
+
+        json_write(ret, out);
+        printf("%s\n", out->str);
+    } else {
+        JsonValue *drives = json_get(ret, "drives");
+        unsigned k;
+
+        printf("mount point %s (config %s, pid %.0f, %.0f iothreads)\n",
+               json_get_str(ret, "mountpoint", "?"),
+               json_get_str(ret, "config", "?"), json_get_num(ret, "pid", 0),
+               json_get_num(ret, "iothreads", 0));
+        for (k = 0; drives && k < drives->items->len; k++) {
+            printf("\n");
+            status_print_drive(g_ptr_array_index(drives->items, k));
+        }
+    }
+    json_free(reply);
+    return 0;
+}
+
+static void print_name_list(const char *label, JsonValue *list)
+{
+    unsigned i;
+
+    if (!list || !list->items->len) {
+        return;
+    }
+    printf("%s:", label);
+    for (i = 0; i < list->items->len; i++) {
+        JsonValue *v = g_ptr_array_index(list->items, i);
+
+        printf(" %s", v->type == JSON_STRING ? v->string : "?");
+    }
+    printf("\n");
+}
+
+static int cmd_resume(int argc, char **argv)
+{
+    g_autoptr(GString) req = g_string_new("{\"command\": \"resume\"");
+    JsonValue *reply = NULL, *ret;
+
+    if (argc < 2 || argc > 3) {
+        log_error("resume needs MOUNTPOINT [DRIVE] (try 'imgfs --help')");
+        return 2;
+    }
+    if (argc == 3) {
+        g_string_append(req, ", \"drive\": ");
+        json_append_string(req, argv[2]);
+    }
+    g_string_append(req, "}");
+    ret = control_request(argv[1], req->str, &reply);
+    if (!ret) {
+        return 1;
+    }
+    if (json_get(ret, "resumed") && json_get(ret, "resumed")->items->len) {
+        print_name_list("resumed", json_get(ret, "resumed"));
+    } else {
+        printf("no drive was stopped\n");
+    }
+    json_free(reply);
+    return 0;
+}
+
+static int cmd_reload(int argc, char **argv)
+{
+    JsonValue *reply = NULL, *ret;
+    JsonValue *busy;
+
+    if (argc != 2) {
+        log_error("reload needs MOUNTPOINT (try 'imgfs --help')");
+        return 2;
+    }
+    ret = control_request(argv[1], "{\"command\": \"reload\"}", &reply);
+    if (!ret) {
+        return 1;
+    }
+    print_name_list("added", json_get(ret, "added"));
+    print_name_list("removed", json_get(ret, "removed"));
+    print_name_list("reopened", json_get(ret, "reopened"));
+    busy = json_get(ret, "busy");
+    print_name_list("busy (open by a program, not changed)", busy);
+    print_name_list("unchanged", json_get(ret, "unchanged"));
+    json_free(reply);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
+    /*
+     * Request buffers come and go by the thousand per second: keep freed
+     * memory instead of returning it (madvise and page faults per
+     * request otherwise), and serve the 1 MiB buffers from the heap.
+     */
+    mallopt(M_TRIM_THRESHOLD, 256 * 1024 * 1024);
+    mallopt(M_MMAP_THRESHOLD, 4 * 1024 * 1024);
+
     if (argc < 2) {
         usage(stderr);
         return 2;
@@ -324,6 +570,15 @@ int main(int argc, char **argv)
     }
     if (!strcmp(argv[1], "info")) {
         return cmd_info(argc - 1, argv + 1);
+    }
+    if (!strcmp(argv[1], "status")) {
+        return cmd_status(argc - 1, argv + 1);
+    }
+    if (!strcmp(argv[1], "resume")) {
+        return cmd_resume(argc - 1, argv + 1);
+    }
+    if (!strcmp(argv[1], "reload")) {
+        return cmd_reload(argc - 1, argv + 1);
     }
     if (!strcmp(argv[1], "formats")) {
         g_autoptr(GString) s = g_string_new(NULL);

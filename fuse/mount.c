@@ -18,7 +18,6 @@
 #include <fcntl.h>
 #include <glib-unix.h>
 #include <limits.h>
-#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -30,6 +29,7 @@
 #include <unistd.h>
 
 #include "ifs.h"
+#include "json.h"
 #include "blockcore/log.h"
 #include "blockcore/thread-pool.h"
 
@@ -47,7 +47,9 @@
 #define IFS_BUF_PAD (4096 - IFS_WRITE_HEADERS)
 #define IFS_MAX_WRITE (1 * MiB)
 #define IFS_BUF_SIZE (4096 + IFS_MAX_WRITE + 4096)
-#define IFS_BUF_CACHE 16
+/* Receive buffers kept for reuse (mmap/munmap of 1 MiB per request
+ * costs page faults and TLB shootdowns across threads). */
+#define IFS_BUF_POOL 64
 /* Requests read per wake-up before other work gets a turn. */
 #define IFS_QUEUE_BATCH 32
 
@@ -56,32 +58,25 @@ struct IfsBuf {
     IfsBuf *next;
 };
 
-static __thread IfsBuf *ifs_buf_cache;
-static __thread int ifs_buf_cached;
-static pthread_key_t ifs_buf_key;
-static pthread_once_t ifs_buf_once = PTHREAD_ONCE_INIT;
-
-static void ifs_buf_cache_drain(void);
-
-static void ifs_buf_thread_exit(void *unused)
-{
-    (void)unused;
-    ifs_buf_cache_drain();
-}
-
-static void ifs_buf_init_key(void)
-{
-    pthread_key_create(&ifs_buf_key, ifs_buf_thread_exit);
-}
+static struct {
+    GMutex lock;
+    IfsBuf *head; /* protected by lock */
+    int count;    /* protected by lock */
+} ifs_buf_pool;
 
 static IfsBuf *ifs_buf_new(void)
 {
-    IfsBuf *b = ifs_buf_cache;
+    IfsBuf *b;
     void *mem;
 
+    g_mutex_lock(&ifs_buf_pool.lock);
+    b = ifs_buf_pool.head;
     if (b) {
-        ifs_buf_cache = b->next;
-        ifs_buf_cached--;
+        ifs_buf_pool.head = b->next;
+        ifs_buf_pool.count--;
+    }
+    g_mutex_unlock(&ifs_buf_pool.lock);
+    if (b) {
         return b;
     }
     if (posix_memalign(&mem, 4096, IFS_BUF_SIZE)) {
@@ -94,29 +89,32 @@ static IfsBuf *ifs_buf_new(void)
 
 void ifs_buf_free(IfsBuf *b)
 {
-    if (ifs_buf_cached < IFS_BUF_CACHE) {
-        /* The cache of a thread is freed when the thread exits. */
-        pthread_once(&ifs_buf_once, ifs_buf_init_key);
-        pthread_setspecific(ifs_buf_key, &ifs_buf_key);
-        b->next = ifs_buf_cache;
-        ifs_buf_cache = b;
-        ifs_buf_cached++;
-        return;
+    g_mutex_lock(&ifs_buf_pool.lock);
+    if (ifs_buf_pool.count < IFS_BUF_POOL) {
+        b->next = ifs_buf_pool.head;
+        ifs_buf_pool.head = b;
+        ifs_buf_pool.count++;
+        b = NULL;
     }
-    free(b->mem);
-    g_free(b);
-}
-
-static void ifs_buf_cache_drain(void)
-{
-    while (ifs_buf_cache) {
-        IfsBuf *b = ifs_buf_cache;
-
-        ifs_buf_cache = b->next;
+    g_mutex_unlock(&ifs_buf_pool.lock);
+    if (b) {
         free(b->mem);
         g_free(b);
     }
-    ifs_buf_cached = 0;
+}
+
+static void ifs_buf_pool_drain(void)
+{
+    g_mutex_lock(&ifs_buf_pool.lock);
+    while (ifs_buf_pool.head) {
+        IfsBuf *b = ifs_buf_pool.head;
+
+        ifs_buf_pool.head = b->next;
+        free(b->mem);
+        g_free(b);
+    }
+    ifs_buf_pool.count = 0;
+    g_mutex_unlock(&ifs_buf_pool.lock);
 }
 
 struct IfsQueue {
@@ -133,12 +131,28 @@ IfsDrive *ifs_drive_ref(IfsDrive *d)
     return d;
 }
 
+static void ifs_drive_free(IfsDrive *d)
+{
+    if (d->blk) {
+        blk_close(d->blk);
+    }
+    blk_options_clear(&d->opts);
+    g_free(d->name);
+    g_free(d);
+}
+
+static gboolean ifs_drive_free_cb(gpointer opaque)
+{
+    ifs_drive_free(opaque);
+    return G_SOURCE_REMOVE;
+}
+
 void ifs_drive_unref(IfsDrive *d)
 {
     if (d && __atomic_sub_fetch(&d->refcnt, 1, __ATOMIC_SEQ_CST) == 0) {
-        blk_close(d->blk);
-        g_free(d->name);
-        g_free(d);
+        /* Closing waits for the drive's event loop, which may be this
+         * thread: let the main loop do it. */
+        g_idle_add(ifs_drive_free_cb, d);
     }
 }
 
@@ -160,6 +174,32 @@ IfsDrive *ifs_find_drive_ino(IfsMount *m, fuse_ino_t ino)
     return found;
 }
 
+IfsDrive *ifs_open_drive_ino(IfsMount *m, fuse_ino_t ino)
+{
+    IfsDrive *found = NULL;
+    unsigned i;
+
+    /* Under the lock, so a reload sees either the drive open or not. */
+    g_rw_lock_reader_lock(&m->lock);
+    for (i = 0; i < m->drives->len; i++) {
+        IfsDrive *d = g_ptr_array_index(m->drives, i);
+
+        if (d->ino == ino) {
+            found = ifs_drive_ref(d);
+            __atomic_add_fetch(&d->open_count, 1, __ATOMIC_SEQ_CST);
+            break;
+        }
+    }
+    g_rw_lock_reader_unlock(&m->lock);
+    return found;
+}
+
+void ifs_release_drive(IfsDrive *d)
+{
+    __atomic_sub_fetch(&d->open_count, 1, __ATOMIC_SEQ_CST);
+    ifs_drive_unref(d);
+}
+
 IfsDrive *ifs_find_drive_name(IfsMount *m, const char *name)
 {
     IfsDrive *found = NULL;
@@ -176,6 +216,19 @@ IfsDrive *ifs_find_drive_name(IfsMount *m, const char *name)
     }
     g_rw_lock_reader_unlock(&m->lock);
     return found;
+}
+
+GPtrArray *ifs_list_drives(IfsMount *m)
+{
+    GPtrArray *list = g_ptr_array_new();
+    unsigned i;
+
+    g_rw_lock_reader_lock(&m->lock);
+    for (i = 0; i < m->drives->len; i++) {
+        g_ptr_array_add(list, ifs_drive_ref(g_ptr_array_index(m->drives, i)));
+    }
+    g_rw_lock_reader_unlock(&m->lock);
+    return list;
 }
 
 void ifs_request_started(IfsMount *m)
@@ -269,7 +322,6 @@ static void ifs_queue_stop(void *opaque)
         ifs_buf_free(q->spare);
         q->spare = NULL;
     }
-    ifs_buf_cache_drain();
 }
 
 static IfsQueue *ifs_queue_new(IfsMount *m, unsigned idx, GError **errp)
@@ -423,9 +475,43 @@ static gboolean ifs_signal_cb(gpointer opaque)
 
 static gboolean ifs_sighup_cb(gpointer opaque)
 {
-    (void)opaque;
-    log_info("SIGHUP ignored: configuration reload is not available");
+    IfsMount *m = opaque;
+    g_autoptr(GString) report = g_string_new(NULL);
+    GError *err = NULL;
+
+    if (!ifs_mount_reload(m, report, &err)) {
+        log_error("SIGHUP: %s", err->message);
+        g_error_free(err);
+    }
     return G_SOURCE_CONTINUE;
+}
+
+/* Open the drive of @dc; NULL and a logged error if it cannot be. */
+static IfsDrive *ifs_drive_open(IfsMount *m, IfsDriveConfig *dc, unsigned index,
+                                GError **errp)
+{
+    IfsDrive *d = g_new0(IfsDrive, 1);
+    unsigned t =
+        dc->iothread >= 0 ? (unsigned)dc->iothread : index % m->nthreads;
+
+    d->name = g_strdup(dc->name);
+    d->mount = m;
+    d->ino = m->next_ino++;
+    d->ctx = iothread_get_ctx(m->threads[t]);
+    d->refcnt = 1;
+    d->mtime_ns = m->start_ns;
+    d->iothread = dc->iothread;
+    blk_options_copy(&d->opts, &dc->opts);
+    d->blk = blk_open(dc->name, &dc->opts, d->ctx, errp);
+    if (!d->blk) {
+        blk_options_clear(&d->opts);
+        g_free(d->name);
+        g_free(d);
+        return NULL;
+    }
+    /* auto-read-only may have made it read-only */
+    d->read_only = blk_is_read_only(d->blk);
+    return d;
 }
 
 static bool ifs_open_drives(IfsMount *m)
@@ -435,25 +521,236 @@ static bool ifs_open_drives(IfsMount *m)
 
     for (i = 0; i < cfg->drives->len; i++) {
         IfsDriveConfig *dc = g_ptr_array_index(cfg->drives, i);
-        IfsDrive *d = g_new0(IfsDrive, 1);
         GError *err = NULL;
+        IfsDrive *d = ifs_drive_open(m, dc, i, &err);
 
-        d->name = g_strdup(dc->name);
-        d->ino = FUSE_ROOT_ID + 1 + i;
-        d->ctx = iothread_get_ctx(m->threads[i % m->nthreads]);
-        d->read_only = dc->opts.read_only;
-        d->refcnt = 1;
-        d->mtime_ns = m->start_ns;
-        d->blk = blk_open(dc->name, &dc->opts, d->ctx, &err);
-        if (!d->blk) {
+        if (!d) {
             log_error("drive '%s': %s", dc->name, err->message);
             g_error_free(err);
-            g_free(d->name);
-            g_free(d);
             return false;
         }
         g_ptr_array_add(m->drives, d);
     }
+    return true;
+}
+
+static IfsDriveConfig *ifs_config_find(IfsConfig *cfg, const char *name)
+{
+    unsigned i;
+
+    for (i = 0; i < cfg->drives->len; i++) {
+        IfsDriveConfig *dc = g_ptr_array_index(cfg->drives, i);
+
+        if (!strcmp(dc->name, name)) {
+            return dc;
+        }
+    }
+    return NULL;
+}
+
+static IfsDrive *ifs_table_find(IfsMount *m, const char *name, unsigned *idx)
+{
+    unsigned i;
+
+    for (i = 0; i < m->drives->len; i++) {
+        IfsDrive *d = g_ptr_array_index(m->drives, i);
+
+        if (!strcmp(d->name, name)) {
+            if (idx) {
+                *idx = i;
+            }
+            return d;
+        }
+    }
+    return NULL;
+}
+
+static void ifs_report_list(GString *report, const char *key, GPtrArray *names)
+{
+    unsigned i;
+
+    g_string_append_printf(report, "%s\"%s\": [", report->len > 1 ? ", " : "",
+                           key);
+    for (i = 0; i < names->len; i++) {
+        json_append_string(report, g_ptr_array_index(names, i));
+        if (i + 1 < names->len) {
+            g_string_append(report, ", ");
+        }
+    }
+    g_string_append(report, "]");
+}
+
+/* Tell the kernel a name under the mount point changed. */
+static void ifs_invalidate_name(IfsMount *m, const char *name)
+{
+    fuse_lowlevel_notify_inval_entry(m->se, FUSE_ROOT_ID, name, strlen(name));
+}
+
+/* Close the image of a drive that left the table, keeping its settings. */
+static void ifs_drive_detach(IfsMount *m, IfsDrive *d)
+{
+    /* Nothing can find it any more: wait for requests already running. */
+    while (__atomic_load_n(&d->refcnt, __ATOMIC_SEQ_CST) > 1) {
+        g_usleep(1000);
+    }
+    blk_close(d->blk);
+    d->blk = NULL;
+    ifs_invalidate_name(m, d->name);
+}
+
+static int ifs_config_index(IfsConfig *cfg, IfsDriveConfig *dc)
+{
+    unsigned i;
+
+    for (i = 0; i < cfg->drives->len; i++) {
+        if (g_ptr_array_index(cfg->drives, i) == dc) {
+            return i;
+        }
+    }
+    return 0;
+}
+
+/*
+ * A reload is a transaction: drives that are deleted or changed (and not
+ * open) are closed first -- their images may be what the new drives
+ * open -- then the new and changed drives are opened.  If any of those
+ * fails, the new ones are closed and the old ones reopened as they were.
+ */
+bool ifs_mount_reload(IfsMount *m, GString *report, GError **errp)
+{
+    g_autoptr(GPtrArray) added = g_ptr_array_new_with_free_func(g_free);
+    g_autoptr(GPtrArray) removed = g_ptr_array_new_with_free_func(g_free);
+    g_autoptr(GPtrArray) reopened = g_ptr_array_new_with_free_func(g_free);
+    g_autoptr(GPtrArray) busy = g_ptr_array_new_with_free_func(g_free);
+    g_autoptr(GPtrArray) unchanged = g_ptr_array_new_with_free_func(g_free);
+    g_autoptr(GPtrArray) detached = g_ptr_array_new(); /* old IfsDrive */
+    g_autoptr(GPtrArray) opened = g_ptr_array_new();   /* new IfsDrive */
+    g_autoptr(GHashTable) keep = g_hash_table_new(g_str_hash, g_str_equal);
+    IfsConfig *cfg;
+    GError *err = NULL;
+    unsigned i;
+
+    cfg = ifs_config_load(m->cfg->abs_path, &err);
+    if (!cfg) {
+        g_propagate_prefixed_error(errp, err, "reload: nothing changed: ");
+        return false;
+    }
+    if (cfg->format_help || cfg->iothreads != m->cfg->iothreads ||
+        cfg->poll_max_ns != m->cfg->poll_max_ns ||
+        g_strcmp0(cfg->control, m->cfg->control)) {
+        g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,
+                    "reload: nothing changed: %s cannot change while mounted",
+                    cfg->format_help                      ? "'format = help'"
+                    : cfg->iothreads != m->cfg->iothreads ? "[imgfs] iothreads"
+                                                          : "[imgfs] control");
+        ifs_config_free(cfg);
+        return false;
+    }
+
+    /* Which drives stay as they are; the open count only grows under the
+     * reader lock, so a drive seen closed here stays closed. */
+    g_rw_lock_writer_lock(&m->lock);
+    for (i = 0; i < m->drives->len;) {
+        IfsDrive *d = g_ptr_array_index(m->drives, i);
+        IfsDriveConfig *dc = ifs_config_find(cfg, d->name);
+
+        if (dc && blk_options_equal(&d->opts, &dc->opts) &&
+            d->iothread == dc->iothread) {
+            g_ptr_array_add(unchanged, g_strdup(d->name));
+            g_hash_table_add(keep, d->name);
+            i++;
+        } else if (__atomic_load_n(&d->open_count, __ATOMIC_SEQ_CST) > 0) {
+            g_ptr_array_add(busy, g_strdup(d->name));
+            g_hash_table_add(keep, d->name);
+            i++;
+        } else {
+            g_ptr_array_add(dc ? reopened : removed, g_strdup(d->name));
+            g_ptr_array_add(detached, d);
+            g_ptr_array_remove_index(m->drives, i);
+        }
+    }
+    g_rw_lock_writer_unlock(&m->lock);
+
+    for (i = 0; i < detached->len; i++) {
+        ifs_drive_detach(m, g_ptr_array_index(detached, i));
+    }
+
+    for (i = 0; i < cfg->drives->len; i++) {
+        IfsDriveConfig *dc = g_ptr_array_index(cfg->drives, i);
+        IfsDrive *d;
+
+        if (g_hash_table_contains(keep, dc->name)) {
+            continue;
+        }
+        d = ifs_drive_open(m, dc, ifs_config_index(cfg, dc), &err);
+        if (!d) {
+            unsigned k;
+
+            g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_FAILED,
+                        "reload: nothing changed: drive '%s': %s", dc->name,
+                        err->message);
+            g_clear_error(&err);
+            for (k = 0; k < opened->len; k++) {
+                ifs_drive_free(g_ptr_array_index(opened, k));
+            }
+            /* Put the old drives back as they were. */
+            for (k = 0; k < detached->len; k++) {
+                IfsDrive *od = g_ptr_array_index(detached, k);
+
+                od->blk = blk_open(od->name, &od->opts, od->ctx, &err);
+                if (!od->blk) {
+                    log_error("reload: drive '%s' could not be restored: %s",
+                              od->name, err->message);
+                    g_clear_error(&err);
+                    ifs_drive_unref(od);
+                    continue;
+                }
+                od->ino = m->next_ino++;
+                g_rw_lock_writer_lock(&m->lock);
+                g_ptr_array_add(m->drives, od);
+                g_rw_lock_writer_unlock(&m->lock);
+                ifs_invalidate_name(m, od->name);
+            }
+            ifs_config_free(cfg);
+            return false;
+        }
+        g_ptr_array_add(opened, d);
+        if (!ifs_table_find(m, dc->name, NULL) &&
+            !g_ptr_array_find_with_equal_func(reopened, dc->name, g_str_equal,
+                                              NULL)) {
+            g_ptr_array_add(added, g_strdup(dc->name));
+        }
+    }
+
+    g_rw_lock_writer_lock(&m->lock);
+    for (i = 0; i < opened->len; i++) {
+        g_ptr_array_add(m->drives, g_ptr_array_index(opened, i));
+    }
+    g_rw_lock_writer_unlock(&m->lock);
+    for (i = 0; i < opened->len; i++) {
+        ifs_invalidate_name(m,
+                            ((IfsDrive *)g_ptr_array_index(opened, i))->name);
+    }
+    for (i = 0; i < detached->len; i++) {
+        ifs_drive_unref(g_ptr_array_index(detached, i));
+    }
+
+    g_string_append(report, "{");
+    ifs_report_list(report, "added", added);
+    ifs_report_list(report, "removed", removed);
+    ifs_report_list(report, "reopened", reopened);
+    ifs_report_list(report, "busy", busy);
+    ifs_report_list(report, "unchanged", unchanged);
+    g_string_append(report, "}");
+    for (i = 0; i < busy->len; i++) {
+        log_warning("reload: drive '%s' is open by a program: its new "
+                    "settings wait for a reload after it is closed",
+                    (char *)g_ptr_array_index(busy, i));
+    }
+    log_info("reload: %u added, %u removed, %u reopened, %u busy", added->len,
+             removed->len, reopened->len, busy->len);
+    ifs_config_free(m->cfg);
+    m->cfg = cfg;
     return true;
 }
 
@@ -523,6 +820,14 @@ static int ifs_shutdown(IfsMount *m)
         }
     }
     __atomic_store_n(&m->exiting, 1, __ATOMIC_SEQ_CST);
+    /* Requests held by werror/rerror=stop would never finish. */
+    g_rw_lock_reader_lock(&m->lock);
+    for (i = 0; i < m->drives->len; i++) {
+        IfsDrive *d = g_ptr_array_index(m->drives, i);
+
+        blk_abort_held(d->blk);
+    }
+    g_rw_lock_reader_unlock(&m->lock);
     g_mutex_lock(&m->drain_lock);
     while (__atomic_load_n(&m->inflight, __ATOMIC_SEQ_CST) > 0) {
         g_cond_wait_until(&m->drain_cond, &m->drain_lock,
@@ -530,6 +835,13 @@ static int ifs_shutdown(IfsMount *m)
     }
     g_mutex_unlock(&m->drain_lock);
 
+    if (m->control) {
+        ifs_control_stop(m->control);
+        m->control = NULL;
+    }
+    /* Drives closed by a reload wait in the main loop's queue. */
+    while (g_main_context_iteration(NULL, FALSE)) {
+    }
     g_rw_lock_writer_lock(&m->lock);
     for (i = 0; i < m->drives->len; i++) {
         IfsDrive *d = g_ptr_array_index(m->drives, i);
@@ -539,6 +851,7 @@ static int ifs_shutdown(IfsMount *m)
             status = 1;
         }
         d->blk = NULL;
+        blk_options_clear(&d->opts);
         g_free(d->name);
         g_free(d);
     }
@@ -559,6 +872,7 @@ static int ifs_shutdown(IfsMount *m)
         fuse_session_destroy(m->se);
     }
     thread_pool_shutdown();
+    ifs_buf_pool_drain();
     return status;
 }
 
@@ -584,6 +898,7 @@ int ifs_mount_main(IfsConfig *cfg, const char *mountpoint, bool foreground,
     g_cond_init(&m->drain_cond);
     clock_gettime(CLOCK_REALTIME, &now);
     m->start_ns = now.tv_sec * INT64_C(1000000000) + now.tv_nsec;
+    m->next_ino = FUSE_ROOT_ID + 1;
 
     if (!ifs_check_mountpoint(mountpoint, &err)) {
         log_error("%s", err->message);
@@ -609,8 +924,20 @@ int ifs_mount_main(IfsConfig *cfg, const char *mountpoint, bool foreground,
             g_error_free(err);
             goto out_shutdown;
         }
+        aio_context_set_poll_max_ns(iothread_get_ctx(m->threads[i]),
+                                    cfg->poll_max_ns);
     }
     if (!ifs_open_drives(m)) {
+        goto out_shutdown;
+    }
+    /* The socket answers as soon as the mount appears (requests wait in
+     * its backlog until the main loop runs). */
+    m->control_path = cfg->control ? g_strdup(cfg->control)
+                                   : ifs_control_default_path(m->mountpoint);
+    m->control = ifs_control_start(m, m->control_path, &err);
+    if (!m->control) {
+        log_error("%s", err->message);
+        g_error_free(err);
         goto out_shutdown;
     }
     m->se = ifs_session_new(m, &err);
@@ -664,6 +991,8 @@ out_free:
     g_mutex_clear(&m->drain_lock);
     g_cond_clear(&m->drain_cond);
     g_free(m->mountpoint);
+    g_free(m->control_path);
+    ifs_config_free(m->cfg);
     g_free(m);
     if (notify_fd >= 0) {
         close(notify_fd); /* the parent sees EOF and reports failure */

@@ -19,6 +19,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/falloc.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
@@ -31,6 +32,8 @@
 #define IFS_ROOT_INO FUSE_ROOT_ID
 #define IFS_ATTR_TIMEOUT 1.0
 #define IFS_BLKSIZE 4096
+/* Writes up to this size are copied out of the receive buffer. */
+#define IFS_WRITE_COPY_MAX (64 * 1024)
 
 /* Per thread: where replies of the request being handled go. */
 static __thread int ifs_reply_fd = -1;
@@ -75,7 +78,8 @@ typedef struct IfsRequest {
     int64_t length;
     int mode; /* fallocate mode, lseek whence */
     const char *data;
-    IfsBuf *buf; /* owns data for writes */
+    IfsBuf *buf; /* owns data of large writes */
+    void *copy;  /* owns data of small writes */
     /* setattr: */
     int to_set;
     struct stat attr;
@@ -106,6 +110,7 @@ static void ifs_request_free(IfsRequest *r)
     if (r->buf) {
         ifs_buf_free(r->buf);
     }
+    free(r->copy);
     ifs_drive_unref(r->drive);
     g_free(r);
     ifs_request_finished(m);
@@ -245,13 +250,13 @@ static void ifs_op_open(fuse_req_t req, fuse_ino_t ino,
         fuse_reply_err(req, EISDIR);
         return;
     }
-    d = ifs_find_drive_ino(m, ino);
+    d = ifs_open_drive_ino(m, ino);
     if (!d) {
         fuse_reply_err(req, ENOENT);
         return;
     }
     if ((fi->flags & O_ACCMODE) != O_RDONLY && d->read_only) {
-        ifs_drive_unref(d);
+        ifs_release_drive(d);
         fuse_reply_err(req, EROFS);
         return;
     }
@@ -259,7 +264,7 @@ static void ifs_op_open(fuse_req_t req, fuse_ino_t ino,
     fi->keep_cache = 0;
     if (fuse_reply_open(req, fi) == -ENOENT) {
         /* The opener was interrupted: no release will come. */
-        ifs_drive_unref(d);
+        ifs_release_drive(d);
     }
 }
 
@@ -267,7 +272,7 @@ static void ifs_op_release(fuse_req_t req, fuse_ino_t ino,
                            struct fuse_file_info *fi)
 {
     (void)ino;
-    ifs_drive_unref((IfsDrive *)(uintptr_t)fi->fh);
+    ifs_release_drive((IfsDrive *)(uintptr_t)fi->fh);
     fuse_reply_err(req, 0);
 }
 
@@ -347,12 +352,15 @@ static void coroutine_fn ifs_co_write(void *opaque)
     IOVector qiov;
     int ret;
 
-    if (r->offset >= len) {
-        ifs_reply_err(r, ENOSPC);
+    if (n == 0) {
+        ifs_reply_to(r);
+        fuse_reply_write(r->req, 0);
         goto out;
     }
-    /* A write running past the end is short, like on a block device. */
-    if (n > len - r->offset) {
+    /* A write running past the end is short, like on a block device; one
+     * starting past it gets ENOSPC from the drive (an invalid request in
+     * its statistics). */
+    if (r->offset < len && n > len - r->offset) {
         n = len - r->offset;
     }
     iov_init_buf(&qiov, (void *)r->data, n);
@@ -388,10 +396,21 @@ static void ifs_op_write(fuse_req_t req, fuse_ino_t ino, const char *buf,
     r = ifs_request_new(req, d, IFS_OP_WRITE);
     r->offset = off;
     r->length = size;
-    r->data = buf;
-    /* The data lives in the receive buffer: keep it until we reply. */
-    r->buf = ifs_current_buf;
-    ifs_buf_taken = true;
+    if (size <= IFS_WRITE_COPY_MAX) {
+        /* Small: copy, and the queue keeps its receive buffer. */
+        if (posix_memalign(&r->copy, 4096, size ? size : 1)) {
+            ifs_request_free(r);
+            fuse_reply_err(req, ENOMEM);
+            return;
+        }
+        memcpy(r->copy, buf, size);
+        r->data = r->copy;
+    } else {
+        /* Large: keep the receive buffer until we reply. */
+        r->data = buf;
+        r->buf = ifs_current_buf;
+        ifs_buf_taken = true;
+    }
     aio_co_spawn(d->ctx, ifs_co_write, r);
 }
 
@@ -713,6 +732,43 @@ static void ifs_op_statfs(fuse_req_t req, fuse_ino_t ino)
     fuse_reply_statfs(req, &sv);
 }
 
+/* The root answers "user.imgfs.control": where the control socket is. */
+static void ifs_op_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name,
+                            size_t size)
+{
+    IfsMount *m = ifs_mount_of(req);
+    size_t len;
+
+    if (ino != IFS_ROOT_INO || strcmp(name, IFS_CONTROL_XATTR) ||
+        !m->control_path) {
+        fuse_reply_err(req, ENODATA);
+        return;
+    }
+    len = strlen(m->control_path);
+    if (size == 0) {
+        fuse_reply_xattr(req, len);
+    } else if (size < len) {
+        fuse_reply_err(req, ERANGE);
+    } else {
+        fuse_reply_buf(req, m->control_path, len);
+    }
+}
+
+static void ifs_op_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size)
+{
+    static const char names[] = IFS_CONTROL_XATTR;
+
+    if (ino != IFS_ROOT_INO) {
+        fuse_reply_buf(req, NULL, 0);
+    } else if (size == 0) {
+        fuse_reply_xattr(req, sizeof(names));
+    } else if (size < sizeof(names)) {
+        fuse_reply_err(req, ERANGE);
+    } else {
+        fuse_reply_buf(req, names, sizeof(names));
+    }
+}
+
 /* The directory is the config file's: no new files here. */
 static void ifs_op_mknod(fuse_req_t req, fuse_ino_t parent, const char *name,
                          mode_t mode, dev_t rdev)
@@ -784,4 +840,6 @@ const struct fuse_lowlevel_ops ifs_ops = {
     .rmdir = ifs_op_unlink,
     .rename = ifs_op_rename,
     .create = ifs_op_create,
+    .getxattr = ifs_op_getxattr,
+    .listxattr = ifs_op_listxattr,
 };

@@ -204,3 +204,128 @@ def test_no_drives(imgfs_bin, setup, text):
     msg = mount_fails(imgfs_bin, write(text), mnt)
     assert "no drives" in msg
     assert os.listdir(mnt) == []
+
+
+# -- drive options (issue 6): every bad value names the drive and the key --
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("cache.direct", "maybe"),
+        ("cache.no-flush", "2"),
+        ("write-cache", "perhaps"),
+        ("aio", "posix"),
+        ("detect-zeroes", "yes"),
+        ("discard", "sometimes"),
+        ("werror", "retry"),
+        ("rerror", "enospc"),  # valid for werror only
+        ("rerror", "stopp"),
+        ("locking", "maybe"),
+        ("force-share", "2"),
+        ("auto-read-only", "sometimes"),
+        ("snapshot", "perhaps"),
+        ("throttling.iops-total", "fast"),
+        ("throttling.iops-total", "-5"),
+        ("throttling.bps-read", "1.5"),
+        ("throttling.bps-write-max", "lots"),
+        ("throttling.iops-write-max-length", "x"),
+        ("throttling.iops-size", "12Q"),
+        ("stats-intervals", "0"),
+        ("stats-intervals", "60,abc"),
+        ("stats-intervals", "60,,3600"),
+        ("stats-account-invalid", "maybe"),
+        ("stats-account-failed", "2"),
+        ("iothread", "one"),
+        ("iothread", "2"),  # [imgfs] iothreads = 2: 0 or 1
+    ],
+)
+def test_bad_drive_option(imgfs_bin, setup, key, value):
+    write, mnt = setup
+    text = "[imgfs]\niothreads = 2\n\n" + DISK0 + f"{key} = {value}\n"
+    msg = mount_fails(imgfs_bin, write(text), mnt)
+    assert f"key '{key}'" in msg
+    assert "invalid" in msg
+    assert "drive 'disk0'" in msg
+    assert value in msg
+    assert os.listdir(mnt) == []
+
+
+@pytest.mark.parametrize(
+    "keys, key",
+    [
+        # Linux AIO needs O_DIRECT
+        ({"aio": "native"}, "aio"),
+        ({"aio": "native", "cache": "writethrough"}, "aio"),
+        ({"aio": "native", "cache": "none", "cache.direct": "off"}, "aio"),
+        # force-share only for a read-only drive
+        ({"force-share": "on"}, "force-share"),
+        # a burst needs its average, and is not below it
+        ({"throttling.iops-total-max": "100"}, "throttling.iops-total-max"),
+        ({"throttling.bps-total": "1000", "throttling.bps-total-max": "10"},
+         "throttling.bps-total-max"),
+        ({"throttling.iops-read": "10",
+          "throttling.iops-read-max": "20",
+          "throttling.iops-read-max-length": "0"},
+         "throttling.iops-read-max-length"),
+        # a total limit and a read limit of the same kind
+        ({"throttling.iops-total": "100", "throttling.iops-read": "50"},
+         "throttling.iops-read"),
+        ({"throttling.bps-total": "100", "throttling.bps-write": "50"},
+         "throttling.bps-write"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_inconsistent_drive_options(imgfs_bin, setup, keys, key):
+    write, mnt = setup
+    text = DISK0 + "".join(f"{k} = {v}\n" for k, v in keys.items())
+    msg = mount_fails(imgfs_bin, write(text), mnt)
+    assert f"'{key}'" in msg
+    assert "drive 'disk0'" in msg
+    assert os.listdir(mnt) == []
+
+
+def test_throttle_group_with_different_limits(imgfs_bin, setup):
+    write, mnt = setup
+    text = (DISK0 + "throttling.group = g\nthrottling.iops-total = 100\n\n"
+            "[disk1]\nfile = images/disk0.img\nread-only = on\n"
+            "force-share = on\n"
+            "throttling.group = g\nthrottling.iops-total = 200\n")
+    msg = mount_fails(imgfs_bin, write(text), mnt)
+    assert "'throttling.group'" in msg
+    assert "drive 'disk1'" in msg
+    assert os.listdir(mnt) == []
+
+
+@pytest.mark.parametrize("key, value", [("cache", "bogus"),
+                                        ("werror", "retry"),
+                                        ("throttling.iops-total", "fast")])
+def test_bad_global_drive_default(imgfs_bin, setup, key, value):
+    write, mnt = setup
+    text = f"[imgfs]\n{key} = {value}\n\n" + DISK0
+    msg = mount_fails(imgfs_bin, write(text), mnt)
+    assert "[imgfs]" in msg
+    assert f"key '{key}'" in msg
+    assert "invalid" in msg
+    assert os.listdir(mnt) == []
+
+
+@pytest.mark.parametrize("key, value", [("file", "images/disk0.img"),
+                                        ("format", "raw"),
+                                        ("snapshot", "on"),
+                                        ("iothread", "0")])
+def test_per_drive_key_in_global_group(imgfs_bin, setup, key, value):
+    write, mnt = setup
+    text = f"[imgfs]\n{key} = {value}\n\n" + DISK0
+    msg = mount_fails(imgfs_bin, write(text), mnt)
+    assert f"'{key}'" in msg
+    assert os.listdir(mnt) == []
+
+
+@pytest.mark.parametrize("value", ["", "  "])
+def test_bad_control_path(imgfs_bin, setup, value):
+    write, mnt = setup
+    text = f"[imgfs]\ncontrol = {value}\n\n" + DISK0
+    msg = mount_fails(imgfs_bin, write(text), mnt)
+    assert "key 'control'" in msg
+    assert os.listdir(mnt) == []

@@ -1,0 +1,292 @@
+/*
+ * The io_uring ring of an event loop.  Requests live on the waiting
+ * coroutine's stack.  Submission is deferred to a bottom half so that all
+ * the requests started while handling one batch of FUSE requests go to
+ * the kernel in one io_uring_enter; requests that find the submission
+ * queue full wait on a list and are queued as completions free space.
+ */
+#include "uring.h"
+
+#include <errno.h>
+#include <liburing.h>
+#include <string.h>
+
+#include "coroutine.h"
+#include "log.h"
+
+#define URING_ENTRIES 256
+
+typedef struct UringOp UringOp;
+
+struct UringOp {
+    int opcode;
+    int fd;
+    struct iovec *iov;
+    int niov;
+    int64_t offset;
+    int64_t len; /* bytes left for reads and writes */
+    int rwflags;
+    int mode;
+    bool short_done; /* a short transfer happened */
+    bool done;
+    int ret;
+    Coroutine *co;
+    UringOp *next;
+};
+
+struct AioUring {
+    AioContext *ctx;
+    struct io_uring ring;
+    AioBH *submit_bh;
+    unsigned queued; /* prepared but not yet submitted */
+    UringOp *wait_head;
+    UringOp *wait_tail;
+};
+
+static void uring_prep(struct io_uring_sqe *sqe, UringOp *op)
+{
+    switch (op->opcode) {
+    case IORING_OP_READV:
+        io_uring_prep_readv(sqe, op->fd, op->iov, op->niov, op->offset);
+        break;
+    case IORING_OP_WRITEV:
+        io_uring_prep_writev(sqe, op->fd, op->iov, op->niov, op->offset);
+        sqe->rw_flags = op->rwflags;
+        break;
+    case IORING_OP_FSYNC:
+        io_uring_prep_fsync(sqe, op->fd, IORING_FSYNC_DATASYNC);
+        break;
+    case IORING_OP_FALLOCATE:
+        io_uring_prep_fallocate(sqe, op->fd, op->mode, op->offset, op->len);
+        break;
+    }
+    io_uring_sqe_set_data(sqe, op);
+}
+
+/* Queue @op in the ring, or on the wait list if the ring is full. */
+static void uring_queue(AioUring *u, UringOp *op)
+{
+    struct io_uring_sqe *sqe = u->wait_head ? NULL : io_uring_get_sqe(&u->ring);
+
+    if (sqe) {
+        uring_prep(sqe, op);
+        u->queued++;
+    } else {
+        op->next = NULL;
+        if (u->wait_tail) {
+            u->wait_tail->next = op;
+        } else {
+            u->wait_head = op;
+        }
+        u->wait_tail = op;
+    }
+    aio_bh_schedule(u->submit_bh);
+}
+
+static void uring_submit(AioUring *u)
+{
+    int ret;
+
+    while (u->wait_head) {
+        struct io_uring_sqe *sqe = io_uring_get_sqe(&u->ring);
+        UringOp *op = u->wait_head;
+
+        if (!sqe) {
+            break;
+        }
+        u->wait_head = op->next;
+        if (!u->wait_head) {
+            u->wait_tail = NULL;
+        }
+        uring_prep(sqe, op);
+        u->queued++;
+    }
+    if (!u->queued) {
+        return;
+    }
+    ret = io_uring_submit(&u->ring);
+    if (ret >= 0) {
+        u->queued -= ret < (int)u->queued ? ret : (int)u->queued;
+    } else if (ret != -EAGAIN && ret != -EBUSY && ret != -EINTR) {
+        log_error("io_uring submit: %s", strerror(-ret));
+    }
+    /* Anything left goes out with the next completion or iteration. */
+}
+
+static void uring_submit_bh(void *opaque)
+{
+    uring_submit(opaque);
+}
+
+static void iov_skip(UringOp *op, size_t n)
+{
+    while (n > 0 && op->niov > 0) {
+        if (n >= op->iov->iov_len) {
+            n -= op->iov->iov_len;
+            op->iov++;
+            op->niov--;
+        } else {
+            op->iov->iov_base = (char *)op->iov->iov_base + n;
+            op->iov->iov_len -= n;
+            n = 0;
+        }
+    }
+}
+
+/* Is @op finished with @res, or does it continue (short transfer)? */
+static bool uring_op_complete(AioUring *u, UringOp *op, int res)
+{
+    bool rw = op->opcode == IORING_OP_READV || op->opcode == IORING_OP_WRITEV;
+    int i;
+
+    if (res == -EINTR || res == -EAGAIN) {
+        uring_queue(u, op);
+        return false;
+    }
+    if (!rw) {
+        op->ret = res < 0 ? res : 0;
+        return true;
+    }
+    if (res < 0) {
+        /* O_DIRECT refuses to continue a short read at an unaligned end
+         * of file: that is the end of the file. */
+        if (res == -EINVAL && op->short_done && op->opcode == IORING_OP_READV) {
+            res = 0;
+        } else {
+            op->ret = res;
+            return true;
+        }
+    }
+    if (res == 0) {
+        if (op->opcode == IORING_OP_READV) {
+            for (i = 0; i < op->niov; i++) {
+                memset(op->iov[i].iov_base, 0, op->iov[i].iov_len);
+            }
+            op->ret = 0;
+        } else {
+            op->ret = -ENOSPC;
+        }
+        return true;
+    }
+    if (res < op->len) {
+        op->short_done = true;
+        op->len -= res;
+        op->offset += res;
+        iov_skip(op, res);
+        uring_queue(u, op);
+        return false;
+    }
+    op->ret = 0;
+    return true;
+}
+
+static void uring_completion(void *opaque)
+{
+    AioUring *u = opaque;
+    UringOp *done = NULL, **tail = &done;
+    struct io_uring_cqe *cqe;
+    unsigned head, n = 0;
+
+    io_uring_for_each_cqe(&u->ring, head, cqe)
+    {
+        UringOp *op = io_uring_cqe_get_data(cqe);
+
+        n++;
+        if (uring_op_complete(u, op, cqe->res)) {
+            op->next = NULL;
+            *tail = op;
+            tail = &op->next;
+        }
+    }
+    io_uring_cq_advance(&u->ring, n);
+
+    /* Resume the coroutines after the ring is consistent again. */
+    while (done) {
+        UringOp *op = done;
+
+        done = op->next;
+        op->done = true;
+        co_enter(op->co);
+    }
+}
+
+static void uring_destroy(void *opaque)
+{
+    AioUring *u = opaque;
+
+    aio_set_fd_handler(u->ctx, u->ring.ring_fd, NULL, NULL, NULL);
+    aio_bh_delete(u->submit_bh);
+    io_uring_queue_exit(&u->ring);
+    g_free(u);
+}
+
+AioUring *aio_uring_get(AioContext *ctx, GError **errp)
+{
+    AioUring *u = aio_context_slot(ctx, AIO_SLOT_URING);
+    int ret;
+
+    if (u) {
+        return u;
+    }
+    u = g_new0(AioUring, 1);
+    ret = io_uring_queue_init(URING_ENTRIES, &u->ring, 0);
+    if (ret < 0) {
+        g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(-ret),
+                    "io_uring is not available: %s", g_strerror(-ret));
+        g_free(u);
+        return NULL;
+    }
+    u->ctx = ctx;
+    u->submit_bh = aio_bh_new(ctx, uring_submit_bh, u);
+    aio_set_fd_handler(ctx, u->ring.ring_fd, uring_completion, NULL, u);
+    aio_context_set_slot(ctx, AIO_SLOT_URING, u, uring_destroy);
+    return u;
+}
+
+static int coroutine_fn uring_co_run(AioUring *u, UringOp *op)
+{
+    op->co = co_self();
+    uring_queue(u, op);
+    while (!op->done) {
+        co_yield ();
+    }
+    return op->ret;
+}
+
+int coroutine_fn aio_uring_co_rw(AioUring *u, bool write, int fd,
+                                 struct iovec *iov, int niov, int64_t offset,
+                                 int64_t len, int rwflags)
+{
+    UringOp op = {
+        .opcode = write ? IORING_OP_WRITEV : IORING_OP_READV,
+        .fd = fd,
+        .iov = iov,
+        .niov = niov,
+        .offset = offset,
+        .len = len,
+        .rwflags = rwflags,
+    };
+
+    return uring_co_run(u, &op);
+}
+
+int coroutine_fn aio_uring_co_fdatasync(AioUring *u, int fd)
+{
+    UringOp op = {.opcode = IORING_OP_FSYNC, .fd = fd};
+
+    return uring_co_run(u, &op);
+}
+
+int coroutine_fn aio_uring_co_fallocate(AioUring *u, int fd, int mode,
+                                        int64_t offset, int64_t len)
+{
+    UringOp op = {
+        .opcode = IORING_OP_FALLOCATE,
+        .fd = fd,
+        .mode = mode,
+        .offset = offset,
+        .len = len,
+    };
+
+    return uring_co_run(u, &op);
+}

@@ -1,0 +1,40 @@
+/*
+ * io_uring for the file driver: one ring per event loop, so I/O needs no
+ * worker thread -- the coroutine queues a request, the loop submits every
+ * request queued during an iteration with one system call, and the
+ * completion (the ring's fd turns readable) resumes the coroutine in the
+ * same thread.
+ *
+ * Thread model: a ring belongs to its AioContext; only coroutines of
+ * that context use it.
+ */
+#ifndef BLOCKCORE_URING_H
+#define BLOCKCORE_URING_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/uio.h>
+
+#include <glib.h>
+
+#include "aio.h"
+
+typedef struct AioUring AioUring;
+
+/* The ring of @ctx, created on first use; NULL and *errp if io_uring is
+ * not available.  Owner thread only. */
+AioUring *aio_uring_get(AioContext *ctx, GError **errp);
+
+/*
+ * Read or write @len bytes at @offset through @iov (which may be
+ * modified).  Short transfers are continued; a read reaching the end of
+ * the file zero-fills the rest.  Returns 0 or -errno.
+ */
+int coroutine_fn aio_uring_co_rw(AioUring *u, bool write, int fd,
+                                 struct iovec *iov, int niov, int64_t offset,
+                                 int64_t len, int rwflags);
+int coroutine_fn aio_uring_co_fdatasync(AioUring *u, int fd);
+int coroutine_fn aio_uring_co_fallocate(AioUring *u, int fd, int mode,
+                                        int64_t offset, int64_t len);
+
+#endif /* BLOCKCORE_URING_H */
