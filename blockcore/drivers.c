@@ -14,6 +14,8 @@ extern const BlockDriver bdrv_vmdk;
 extern const BlockDriver bdrv_rbd;
 #endif
 
+/* One driver per line; clang-format would pack them around the #ifdef. */
+/* clang-format off */
 static const BlockDriver *const bdrv_drivers[] = {
     &bdrv_raw,
     &bdrv_vmdk,
@@ -23,6 +25,7 @@ static const BlockDriver *const bdrv_drivers[] = {
 #endif
     NULL,
 };
+/* clang-format on */
 
 const BlockDriver *const *bdrv_driver_list(void)
 {

@@ -30,8 +30,9 @@
  * after that long, and I/O to a cluster that went away fails with EIO.
  * 0 waits forever, as librados does by default.
  *
- * Snapshots are read-only: opening one for writing fails and asks for
- * read-only = on.  Cache modes map to librbd's cache: cache=none (and
+ * Snapshots are read-only: opening one for writing fails with EROFS and
+ * asks for read-only = on (with auto-read-only = on, blockcore then opens
+ * it read-only and logs why).  Cache modes map to librbd's cache: cache=none (and
  * directsync) turns rbd_cache off, so every acknowledged write is on the
  * OSDs and FUA is free; the other modes keep librbd's cache with its
  * policy (librbd 16 defaults to writearound: writes go straight to the
@@ -590,7 +591,9 @@ static int coroutine_fn drv_rbd_co_open(BlockDriverState *bs, GHashTable *opts,
     desc = drv_rbd_describe(&sp);
     if (sp.snap && (flags & BDRV_O_RDWR)) {
         g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_ROFS,
-                    "%s: snapshots are read-only: set read-only = on", desc);
+                    "%s: snapshots are read-only: set read-only = on (or "
+                    "auto-read-only = on)",
+                    desc);
         drv_rbd_spec_clear(&sp);
         return -EROFS;
     }

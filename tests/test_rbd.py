@@ -339,6 +339,13 @@ def test_snapshot_read_only(ceph_cluster, imgfs, imgfs_bin, tmp_path):
     assert "drive 'snapw'" in lines[0]
     assert "snapshots are read-only" in lines[0]
     assert "read-only = on" in lines[0]
+    # auto-read-only: mounted read-only, and the log says why.
+    m = imgfs({"snapa": rbd_drive(c, "rbd/snap@s1",
+                                  **{"auto-read-only": "on"})}, name="auto")
+    assert not os.stat(m.drive("snapa")).st_mode & 0o222
+    assert_same_bytes(m.drive("snapa").read_bytes(), old, "snapa")
+    assert "snapshots are read-only" in m.stderr()
+    assert "opened read-only (auto-read-only)" in m.stderr()
 
 
 def test_resize(ceph_cluster, imgfs):
