@@ -51,6 +51,9 @@ SANITIZER_NOTE = re.compile(
 MOUNT_TIMEOUT = 20.0
 EXIT_TIMEOUT = 15.0
 
+# The throwaway Ceph cluster of the rbd tests (ceph_cluster fixture).
+pytest_plugins = ["tests.ceph_fixture"]
+
 
 def pytest_configure(config):
     config.addinivalue_line(
@@ -331,6 +334,8 @@ class Mount:
         # drive name -> path of its image (or block device) on the host
         self.images = {}
         for name, keys in drives.items():
+            if "file" not in keys:  # named by driver keys (rbd.image)
+                continue
             image = Path(str(keys["file"]))
             if not image.is_absolute():
                 image = self.config.parent / image

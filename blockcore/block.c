@@ -147,6 +147,35 @@ static int coroutine_fn bdrv_co_open_driver(BlockDriverState *bs,
 static void coroutine_fn bdrv_co_unref(BlockDriverState *bs);
 
 /*
+ * A drive with no file names its image with a protocol's own keys
+ * ("rbd.pool", "rbd.image"): the protocol whose keys it has, or NULL.
+ */
+static const BlockDriver *bdrv_protocol_from_keys(GHashTable *opts)
+{
+    const BlockDriver *const *d;
+    GHashTableIter it;
+    gpointer k;
+
+    if (!opts) {
+        return NULL;
+    }
+    for (d = bdrv_driver_list(); *d; d++) {
+        size_t n = strlen((*d)->name);
+
+        if (!(*d)->is_protocol) {
+            continue;
+        }
+        g_hash_table_iter_init(&it, opts);
+        while (g_hash_table_iter_next(&it, &k, NULL)) {
+            if (!strncmp(k, (*d)->name, n) && ((char *)k)[n] == '.') {
+                return *d;
+            }
+        }
+    }
+    return NULL;
+}
+
+/*
  * Open @filename: a protocol node, and unless @format names a protocol,
  * a format node on top of it (probed when @format is NULL).  @opts are
  * the drive's namespaced driver keys, or NULL for nodes below the top
@@ -176,12 +205,19 @@ bdrv_co_open_node(const char *filename, const char *format, GHashTable *opts,
     }
     if (fmt && fmt->is_protocol) {
         proto = fmt;
+    } else if (!filename) {
+        proto = bdrv_protocol_from_keys(opts);
     } else {
         proto = bdrv_find_protocol_for(filename);
     }
     if (!proto) {
-        g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,
-                    "no protocol driver for '%s'", filename ? filename : "");
+        if (!filename) {
+            g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,
+                        "no image named: set 'file'");
+        } else {
+            g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,
+                        "no protocol driver for '%s'", filename);
+        }
         return NULL;
     }
 

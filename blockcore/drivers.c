@@ -11,14 +11,23 @@ extern const BlockDriver bdrv_file;
 extern const BlockDriver bdrv_raw;
 extern const BlockDriver bdrv_qcow2;
 extern const BlockDriver bdrv_vmdk;
+#ifdef CONFIG_RBD
+extern const BlockDriver bdrv_rbd;
+#endif
 
+/* One driver per line; clang-format would pack them around the #ifdef. */
+/* clang-format off */
 static const BlockDriver *const bdrv_drivers[] = {
     &bdrv_raw,
     &bdrv_qcow2,
     &bdrv_vmdk,
     &bdrv_file,
+#ifdef CONFIG_RBD
+    &bdrv_rbd,
+#endif
     NULL,
 };
+/* clang-format on */
 
 const BlockDriver *const *bdrv_driver_list(void)
 {

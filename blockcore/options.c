@@ -16,7 +16,14 @@ const OptDesc *opt_find(const OptDesc *table, const char *name)
         return NULL;
     }
     for (; table->name; table++) {
+        size_t n = strlen(table->name);
+
         if (!strcmp(table->name, name)) {
+            return table;
+        }
+        /* "prefix.*": an open family of keys, e.g. "option.<name>". */
+        if (n >= 2 && !strcmp(table->name + n - 2, ".*") &&
+            !strncmp(table->name, name, n - 1) && name[n - 1]) {
             return table;
         }
     }

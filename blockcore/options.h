@@ -32,7 +32,12 @@ typedef struct OptDesc {
     const char *help;
 } OptDesc;
 
-/* Find @name in a table ended by an entry with name == NULL. */
+/*
+ * Find @name in a table ended by an entry with name == NULL.  An entry
+ * named "prefix.*" stands for an open family of keys: it matches every
+ * "prefix.<something>" (something not empty), e.g. "option.*" for the
+ * settings a driver passes through to its library untouched.
+ */
 const OptDesc *opt_find(const OptDesc *table, const char *name);
 
 /* Check @value against @desc; the error reads "key 'K': invalid ...". */

@@ -98,6 +98,30 @@ static void test_messages(void)
     blk_options_clear(&o);
 }
 
+/* "prefix.*" entries: an open family of keys, validated by type. */
+static void test_family(void)
+{
+    static const OptDesc table[] = {
+        {"pool", OPT_STRING, NULL, ""},
+        {"option.*", OPT_STRING, NULL, ""},
+        {"limit.*", OPT_NUMBER, NULL, ""},
+        {NULL},
+    };
+    GError *err = NULL;
+
+    g_assert_true(opt_find(table, "pool") == &table[0]);
+    g_assert_true(opt_find(table, "option.rbd_cache") == &table[1]);
+    g_assert_true(opt_find(table, "option.a.b") == &table[1]);
+    g_assert_null(opt_find(table, "option."));
+    g_assert_null(opt_find(table, "option"));
+    g_assert_null(opt_find(table, "options.x"));
+    g_assert_null(opt_find(table, "option*"));
+    g_assert_true(opt_find(table, "limit.iops") == &table[2]);
+    g_assert_true(opt_validate(opt_find(table, "limit.iops"), "10", &err));
+    g_assert_false(opt_validate(opt_find(table, "limit.iops"), "x", &err));
+    g_clear_error(&err);
+}
+
 int main(int argc, char **argv)
 {
     g_test_init(&argc, &argv, NULL);
@@ -105,5 +129,6 @@ int main(int argc, char **argv)
     g_test_add_func("/options/size", test_size);
     g_test_add_func("/options/number-enum", test_number_enum);
     g_test_add_func("/options/messages", test_messages);
+    g_test_add_func("/options/family", test_family);
     return g_test_run();
 }
