@@ -69,10 +69,12 @@ const char *qcow2_feature_name(Qcow2State *s, int type, int bit)
     return NULL;
 }
 
-/* "'name' (incompatible bit 5), ..." for the bits of @mask. */
-static char *feature_list(Qcow2State *s, int type, uint64_t mask)
+/* Append the names of the bits of @mask to @out, ", " separated:
+ * "'name' (incompatible bit 5)" with @detailed, else "name"; bits
+ * without a name as "incompatible bit 5". */
+static void feature_list(Qcow2State *s, GString *out, int type, uint64_t mask,
+                         bool detailed)
 {
-    GString *out = g_string_new(NULL);
     int bit;
 
     for (bit = 0; bit < 64; bit++) {
@@ -85,14 +87,15 @@ static char *feature_list(Qcow2State *s, int type, uint64_t mask)
         if (out->len) {
             g_string_append(out, ", ");
         }
-        if (name) {
+        if (name && detailed) {
             g_string_append_printf(out, "'%s' (%s bit %d)", name,
                                    feature_kinds[type], bit);
+        } else if (name) {
+            g_string_append(out, name);
         } else {
             g_string_append_printf(out, "%s bit %d", feature_kinds[type], bit);
         }
     }
-    return g_string_free(out, FALSE);
 }
 
 static int qcow2_probe(const uint8_t *buf, size_t len, const char *filename)
@@ -211,10 +214,11 @@ static void qcow2_state_free(Qcow2State *s)
     s->pending_frees = NULL;
 }
 
-static int open_error(GError **errp, int err, const char *fmt, ...)
+/* Fill *@errp with one phrase (it names the image) and return -@err. */
+static int set_error(GError **errp, int err, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 
-static int open_error(GError **errp, int err, const char *fmt, ...)
+static int set_error(GError **errp, int err, const char *fmt, ...)
 {
     g_autofree char *msg = NULL;
     va_list ap;
@@ -242,10 +246,10 @@ static int parse_extensions(Qcow2State *s, const uint8_t *hdr, uint64_t end,
             return 0;
         }
         if (len > end - pos - 8) {
-            return open_error(errp, EINVAL,
-                              "'%s': corrupt image: header extension 0x%x "
-                              "runs past the first cluster",
-                              bdrv_name(bs), type);
+            return set_error(errp, EINVAL,
+                             "'%s': corrupt image: header extension 0x%x "
+                             "runs past the first cluster",
+                             bdrv_name(bs), type);
         }
         switch (type) {
         case QCOW2_EXT_BACKING_FORMAT:
@@ -299,40 +303,40 @@ static int coroutine_fn read_header(Qcow2State *s, int flags, GError **errp)
     int ret;
 
     if (file_len < QCOW2_V2_HEADER_LENGTH) {
-        return open_error(errp, EINVAL,
-                          "'%s' is too short to be a qcow2 image (%" PRId64
-                          " bytes)",
-                          bdrv_name(bs), file_len);
+        return set_error(errp, EINVAL,
+                         "'%s' is too short to be a qcow2 image (%" PRId64
+                         " bytes)",
+                         bdrv_name(bs), file_len);
     }
     hdr = g_malloc0(1 << QCOW2_MAX_CLUSTER_BITS);
     n = MIN(file_len, 4096);
     ret = bdrv_co_pread(bs->file, 0, n, hdr, 0);
     if (ret < 0) {
-        open_error(errp, -ret, "cannot read the header of '%s': %s",
-                   bdrv_name(bs), g_strerror(-ret));
+        set_error(errp, -ret, "cannot read the header of '%s': %s",
+                  bdrv_name(bs), g_strerror(-ret));
         goto out;
     }
     if (qcow2_get_be32(hdr) != QCOW2_MAGIC) {
-        ret = open_error(errp, EINVAL,
-                         "'%s' is not a qcow2 image (bad magic 0x%08x)",
-                         bdrv_name(bs), qcow2_get_be32(hdr));
+        ret = set_error(errp, EINVAL,
+                        "'%s' is not a qcow2 image (bad magic 0x%08x)",
+                        bdrv_name(bs), qcow2_get_be32(hdr));
         goto out;
     }
     s->version = qcow2_get_be32(hdr + QCOW2_HDR_VERSION);
     if (s->version != 2 && s->version != 3) {
-        ret = open_error(errp, ENOTSUP,
-                         "'%s': unsupported qcow2 version %d (imgfs reads 2 "
-                         "and 3)",
-                         bdrv_name(bs), s->version);
+        ret = set_error(errp, ENOTSUP,
+                        "'%s': unsupported qcow2 version %d (imgfs reads 2 "
+                        "and 3)",
+                        bdrv_name(bs), s->version);
         goto out;
     }
     s->cluster_bits = qcow2_get_be32(hdr + QCOW2_HDR_CLUSTER_BITS);
     if (s->cluster_bits < QCOW2_MIN_CLUSTER_BITS ||
         s->cluster_bits > QCOW2_MAX_CLUSTER_BITS) {
-        ret = open_error(errp, EINVAL,
-                         "'%s': cluster_bits %u is out of range (512 B to 2 "
-                         "MiB clusters)",
-                         bdrv_name(bs), s->cluster_bits);
+        ret = set_error(errp, EINVAL,
+                        "'%s': cluster_bits %u is out of range (512 B to 2 "
+                        "MiB clusters)",
+                        bdrv_name(bs), s->cluster_bits);
         goto out;
     }
     s->cluster_size = INT64_C(1) << s->cluster_bits;
@@ -340,8 +344,8 @@ static int coroutine_fn read_header(Qcow2State *s, int flags, GError **errp)
     if (n > 4096) {
         ret = bdrv_co_pread(bs->file, 0, n, hdr, 0);
         if (ret < 0) {
-            open_error(errp, -ret, "cannot read the header of '%s': %s",
-                       bdrv_name(bs), g_strerror(-ret));
+            set_error(errp, -ret, "cannot read the header of '%s': %s",
+                      bdrv_name(bs), g_strerror(-ret));
             goto out;
         }
     }
@@ -356,17 +360,17 @@ static int coroutine_fn read_header(Qcow2State *s, int flags, GError **errp)
         s->refcount_order = qcow2_get_be32(hdr + QCOW2_HDR_REFCOUNT_ORDER);
         if (s->header_length < QCOW2_V3_HEADER_LENGTH || s->header_length % 8 ||
             s->header_length > n) {
-            ret = open_error(errp, EINVAL,
-                             "'%s': corrupt image: invalid header length "
-                             "%u",
-                             bdrv_name(bs), s->header_length);
+            ret = set_error(errp, EINVAL,
+                            "'%s': corrupt image: invalid header length "
+                            "%u",
+                            bdrv_name(bs), s->header_length);
             goto out;
         }
         if (s->refcount_order > 6) {
-            ret = open_error(errp, EINVAL,
-                             "'%s': refcount_order %u is out of range (at "
-                             "most 6, 64-bit refcounts)",
-                             bdrv_name(bs), s->refcount_order);
+            ret = set_error(errp, EINVAL,
+                            "'%s': refcount_order %u is out of range (at "
+                            "most 6, 64-bit refcounts)",
+                            bdrv_name(bs), s->refcount_order);
             goto out;
         }
         if (s->header_length > QCOW2_HDR_COMPRESSION_TYPE) {
@@ -380,40 +384,41 @@ static int coroutine_fn read_header(Qcow2State *s, int flags, GError **errp)
 
     unknown = s->incompatible & ~QCOW2_INCOMPAT_KNOWN;
     if (unknown) {
-        g_autofree char *list = feature_list(s, 0, unknown);
+        g_autoptr(GString) list = g_string_new(NULL);
 
-        ret = open_error(errp, ENOTSUP,
-                         "'%s' uses qcow2 features imgfs does not support: "
-                         "%s",
-                         bdrv_name(bs), list);
+        feature_list(s, list, 0, unknown, true);
+        ret = set_error(errp, ENOTSUP,
+                        "'%s' uses qcow2 features imgfs does not support: "
+                        "%s",
+                        bdrv_name(bs), list->str);
         goto out;
     }
     crypt = qcow2_get_be32(hdr + QCOW2_HDR_CRYPT_METHOD);
     if (crypt) {
-        ret = open_error(errp, ENOTSUP,
-                         "'%s' is encrypted (crypt_method %u): not supported",
-                         bdrv_name(bs), crypt);
+        ret = set_error(errp, ENOTSUP,
+                        "'%s' is encrypted (crypt_method %u): not supported",
+                        bdrv_name(bs), crypt);
         goto out;
     }
     if (s->incompatible & QCOW2_INCOMPAT_COMPRESSION) {
         if (s->compression_type != QCOW2_COMPRESS_ZSTD) {
-            ret = open_error(errp, ENOTSUP, "'%s': unknown compression type %d",
-                             bdrv_name(bs), s->compression_type);
+            ret = set_error(errp, ENOTSUP, "'%s': unknown compression type %d",
+                            bdrv_name(bs), s->compression_type);
             goto out;
         }
     } else if (s->compression_type != QCOW2_COMPRESS_ZLIB) {
-        ret = open_error(errp, EINVAL,
-                         "'%s': corrupt image: compression type %d without "
-                         "the compression type feature bit",
-                         bdrv_name(bs), s->compression_type);
+        ret = set_error(errp, EINVAL,
+                        "'%s': corrupt image: compression type %d without "
+                        "the compression type feature bit",
+                        bdrv_name(bs), s->compression_type);
         goto out;
     }
     s->extended_l2 = s->incompatible & QCOW2_INCOMPAT_EXTL2;
     if (s->extended_l2 && s->cluster_bits < QCOW2_EXTL2_MIN_CLUSTER_BITS) {
-        ret = open_error(errp, EINVAL,
-                         "'%s': extended L2 entries need clusters of at "
-                         "least 16 KiB",
-                         bdrv_name(bs));
+        ret = set_error(errp, EINVAL,
+                        "'%s': extended L2 entries need clusters of at "
+                        "least 16 KiB",
+                        bdrv_name(bs));
         goto out;
     }
 
@@ -441,58 +446,58 @@ static int coroutine_fn read_header(Qcow2State *s, int flags, GError **errp)
     s->snapshots_offset = qcow2_get_be64(hdr + QCOW2_HDR_SNAPSHOTS_OFFSET);
 
     if (s->size > (UINT64_C(1) << 62)) {
-        ret = open_error(errp, EFBIG,
-                         "'%s': virtual size %" PRIu64 " is too large",
-                         bdrv_name(bs), s->size);
+        ret = set_error(errp, EFBIG,
+                        "'%s': virtual size %" PRIu64 " is too large",
+                        bdrv_name(bs), s->size);
         goto out;
     }
     if ((uint64_t)s->l1_size * 8 > QCOW2_MAX_L1_BYTES) {
-        ret = open_error(errp, EFBIG,
-                         "'%s': L1 table is too large (%u entries, at most "
-                         "%" PRId64 ")",
-                         bdrv_name(bs), s->l1_size, QCOW2_MAX_L1_BYTES / 8);
+        ret = set_error(errp, EFBIG,
+                        "'%s': L1 table is too large (%u entries, at most "
+                        "%" PRId64 ")",
+                        bdrv_name(bs), s->l1_size, QCOW2_MAX_L1_BYTES / 8);
         goto out;
     }
     l1_needed = DIV_ROUND_UP(s->size, qcow2_l2_coverage(s));
     if (s->l1_size < l1_needed) {
-        ret = open_error(errp, EINVAL,
-                         "'%s': corrupt image: L1 table (%u entries) too "
-                         "small for the virtual size (%" PRIu64 " needed)",
-                         bdrv_name(bs), s->l1_size, l1_needed);
+        ret = set_error(errp, EINVAL,
+                        "'%s': corrupt image: L1 table (%u entries) too "
+                        "small for the virtual size (%" PRIu64 " needed)",
+                        bdrv_name(bs), s->l1_size, l1_needed);
         goto out;
     }
     if (s->l1_size &&
         (qcow2_offset_into_cluster(s, s->l1_offset) ||
          s->l1_offset + (uint64_t)s->l1_size * 8 > (uint64_t)file_len)) {
-        ret = open_error(errp, EINVAL,
-                         "'%s': corrupt image: L1 table at offset 0x%" PRIx64
-                         " is %s",
-                         bdrv_name(bs), s->l1_offset,
-                         qcow2_offset_into_cluster(s, s->l1_offset)
-                             ? "not aligned to a cluster"
-                             : "past the end of the file");
+        ret = set_error(errp, EINVAL,
+                        "'%s': corrupt image: L1 table at offset 0x%" PRIx64
+                        " is %s",
+                        bdrv_name(bs), s->l1_offset,
+                        qcow2_offset_into_cluster(s, s->l1_offset)
+                            ? "not aligned to a cluster"
+                            : "past the end of the file");
         goto out;
     }
     if (!s->reftable_clusters ||
         (uint64_t)s->reftable_clusters * s->cluster_size >
             QCOW2_MAX_REFTABLE_BYTES) {
-        ret = open_error(errp, EINVAL,
-                         "'%s': corrupt image: refcount table of %u clusters",
-                         bdrv_name(bs), s->reftable_clusters);
+        ret = set_error(errp, EINVAL,
+                        "'%s': corrupt image: refcount table of %u clusters",
+                        bdrv_name(bs), s->reftable_clusters);
         goto out;
     }
     if (!s->reftable_offset ||
         qcow2_offset_into_cluster(s, s->reftable_offset) ||
         s->reftable_offset + (uint64_t)s->reftable_clusters * s->cluster_size >
             (uint64_t)file_len) {
-        ret = open_error(errp, EINVAL,
-                         "'%s': corrupt image: refcount table at offset "
-                         "0x%" PRIx64 " is %s",
-                         bdrv_name(bs), s->reftable_offset,
-                         qcow2_offset_into_cluster(s, s->reftable_offset) ||
-                                 !s->reftable_offset
-                             ? "not aligned to a cluster"
-                             : "past the end of the file");
+        ret = set_error(errp, EINVAL,
+                        "'%s': corrupt image: refcount table at offset "
+                        "0x%" PRIx64 " is %s",
+                        bdrv_name(bs), s->reftable_offset,
+                        qcow2_offset_into_cluster(s, s->reftable_offset) ||
+                                !s->reftable_offset
+                            ? "not aligned to a cluster"
+                            : "past the end of the file");
         goto out;
     }
 
@@ -501,10 +506,10 @@ static int coroutine_fn read_header(Qcow2State *s, int flags, GError **errp)
     if (backing_offset) {
         if (backing_size > QCOW2_MAX_BACKING_NAME ||
             backing_offset + backing_size > (uint64_t)n) {
-            ret = open_error(errp, EINVAL,
-                             "'%s': corrupt image: invalid backing file name "
-                             "(offset 0x%" PRIx64 ", %u bytes)",
-                             bdrv_name(bs), backing_offset, backing_size);
+            ret = set_error(errp, EINVAL,
+                            "'%s': corrupt image: invalid backing file name "
+                            "(offset 0x%" PRIx64 ", %u bytes)",
+                            bdrv_name(bs), backing_offset, backing_size);
             goto out;
         }
         g_free(bs->backing_file);
@@ -513,10 +518,10 @@ static int coroutine_fn read_header(Qcow2State *s, int flags, GError **errp)
     }
     if (s->incompatible & QCOW2_INCOMPAT_DATA_FILE) {
         if (!s->data_file_name || !*s->data_file_name) {
-            ret = open_error(errp, EINVAL,
-                             "'%s' keeps its data in an external data file "
-                             "but does not name it",
-                             bdrv_name(bs));
+            ret = set_error(errp, EINVAL,
+                            "'%s' keeps its data in an external data file "
+                            "but does not name it",
+                            bdrv_name(bs));
             goto out;
         }
         s->data_file_raw = s->autoclear & QCOW2_AUTOCLEAR_DATA_FILE_RAW;
@@ -539,9 +544,8 @@ static int coroutine_fn read_tables(Qcow2State *s, GError **errp)
         ret = bdrv_co_pread(bs->file, s->l1_offset, (int64_t)s->l1_size * 8,
                             s->l1, 0);
         if (ret < 0) {
-            return open_error(errp, -ret,
-                              "cannot read the L1 table of '%s': %s",
-                              bdrv_name(bs), g_strerror(-ret));
+            return set_error(errp, -ret, "cannot read the L1 table of '%s': %s",
+                             bdrv_name(bs), g_strerror(-ret));
         }
         for (i = 0; i < s->l1_size; i++) {
             s->l1[i] = be64toh(s->l1[i]);
@@ -552,9 +556,9 @@ static int coroutine_fn read_tables(Qcow2State *s, GError **errp)
     ret = bdrv_co_pread(bs->file, s->reftable_offset,
                         (int64_t)s->reftable_entries * 8, s->reftable, 0);
     if (ret < 0) {
-        return open_error(errp, -ret,
-                          "cannot read the refcount table of '%s': %s",
-                          bdrv_name(bs), g_strerror(-ret));
+        return set_error(errp, -ret,
+                         "cannot read the refcount table of '%s': %s",
+                         bdrv_name(bs), g_strerror(-ret));
     }
     for (i = 0; i < s->reftable_entries; i++) {
         s->reftable[i] = be64toh(s->reftable[i]) & QCOW2_REFT_OFFSET_MASK;
@@ -648,9 +652,9 @@ static int coroutine_fn qcow2_co_open(BlockDriverState *bs, GHashTable *opts,
                                           path, "", -1, &local_err);
 
         if (!c) {
-            ret = open_error(errp, EINVAL,
-                             "'%s': cannot open its external data file: %s",
-                             bdrv_name(bs), local_err->message);
+            ret = set_error(errp, EINVAL,
+                            "'%s': cannot open its external data file: %s",
+                            bdrv_name(bs), local_err->message);
             g_error_free(local_err);
             goto fail;
         }
@@ -684,8 +688,8 @@ static int coroutine_fn qcow2_co_open(BlockDriverState *bs, GHashTable *opts,
                 ret = qcow2_co_flush_files(s);
             }
             if (ret < 0) {
-                open_error(errp, -ret, "cannot update the header of '%s': %s",
-                           bdrv_name(bs), g_strerror(-ret));
+                set_error(errp, -ret, "cannot update the header of '%s': %s",
+                          bdrv_name(bs), g_strerror(-ret));
                 goto fail;
             }
             s->autoclear &= keep;
@@ -822,20 +826,20 @@ static int coroutine_fn qcow2_co_truncate(BlockDriverState *bs, int64_t offset,
 
     (void)exact;
     if (prealloc != PREALLOC_OFF) {
-        return open_error(errp, ENOTSUP,
-                          "'%s': preallocation is not supported when "
-                          "resizing",
-                          bdrv_name(bs));
+        return set_error(errp, ENOTSUP,
+                         "'%s': preallocation is not supported when "
+                         "resizing",
+                         bdrv_name(bs));
     }
     if (s->broken) {
-        return open_error(errp, EIO, "'%s' is corrupt: not resizing",
-                          bdrv_name(bs));
+        return set_error(errp, EIO, "'%s' is corrupt: not resizing",
+                         bdrv_name(bs));
     }
     if (offset % 512) {
-        return open_error(errp, EINVAL,
-                          "'%s': the size of a qcow2 image must be a "
-                          "multiple of 512 bytes (not %" PRId64 ")",
-                          bdrv_name(bs), offset);
+        return set_error(errp, EINVAL,
+                         "'%s': the size of a qcow2 image must be a "
+                         "multiple of 512 bytes (not %" PRId64 ")",
+                         bdrv_name(bs), offset);
     }
     if ((uint64_t)offset == old) {
         return 0;
@@ -843,18 +847,18 @@ static int coroutine_fn qcow2_co_truncate(BlockDriverState *bs, int64_t offset,
     co_mutex_lock(&s->lock);
     if ((uint64_t)offset < old) {
         if (s->nb_snapshots) {
-            ret = open_error(errp, ENOTSUP,
-                             "cannot shrink '%s': it has internal snapshots",
-                             bdrv_name(bs));
+            ret = set_error(errp, ENOTSUP,
+                            "cannot shrink '%s': it has internal snapshots",
+                            bdrv_name(bs));
             goto out_unlock;
         }
         ret = qcow2_co_tail_in_use(s, offset, &where);
         if (ret > 0) {
-            ret = open_error(errp, ENOTSUP,
-                             "cannot shrink '%s' to %" PRId64
-                             " bytes: guest data at offset %" PRIu64
-                             " would be lost (discard it first)",
-                             bdrv_name(bs), offset, where);
+            ret = set_error(errp, ENOTSUP,
+                            "cannot shrink '%s' to %" PRId64
+                            " bytes: guest data at offset %" PRIu64
+                            " would be lost (discard it first)",
+                            bdrv_name(bs), offset, where);
         }
         if (ret < 0) {
             goto out_unlock;
@@ -865,8 +869,8 @@ static int coroutine_fn qcow2_co_truncate(BlockDriverState *bs, int64_t offset,
         if (need > s->l1_size) {
             ret = qcow2_co_grow_l1(s, need);
             if (ret < 0) {
-                open_error(errp, -ret, "cannot grow the L1 table of '%s': %s",
-                           bdrv_name(bs), g_strerror(-ret));
+                set_error(errp, -ret, "cannot grow the L1 table of '%s': %s",
+                          bdrv_name(bs), g_strerror(-ret));
                 goto out_unlock;
             }
         }
@@ -877,8 +881,8 @@ static int coroutine_fn qcow2_co_truncate(BlockDriverState *bs, int64_t offset,
         ret = qcow2_co_flush_files(s);
     }
     if (ret < 0) {
-        open_error(errp, -ret, "cannot update the size of '%s': %s",
-                   bdrv_name(bs), g_strerror(-ret));
+        set_error(errp, -ret, "cannot update the size of '%s': %s",
+                  bdrv_name(bs), g_strerror(-ret));
         goto out_unlock;
     }
     s->size = offset;
@@ -893,9 +897,8 @@ static int coroutine_fn qcow2_co_truncate(BlockDriverState *bs, int64_t offset,
     if ((uint64_t)offset > old) {
         ret = zero_grown_tail(s, old, offset);
         if (ret < 0) {
-            return open_error(errp, -ret,
-                              "'%s': cannot zero the grown area: %s",
-                              bdrv_name(bs), g_strerror(-ret));
+            return set_error(errp, -ret, "'%s': cannot zero the grown area: %s",
+                             bdrv_name(bs), g_strerror(-ret));
         }
     }
     return 0;
@@ -915,7 +918,7 @@ static void coroutine_fn qcow2_co_get_info(BlockDriverState *bs,
     Qcow2State *s = bs->opaque;
     GString *features = g_string_new(NULL);
     uint64_t fields[3] = {s->incompatible, s->compatible, s->autoclear};
-    int type, bit;
+    int type;
 
     image_info_add(spec, "compat", "%s", s->version == 2 ? "0.10" : "1.1");
     image_info_add(spec, "cluster-size", "%" PRId64, s->cluster_size);
@@ -955,23 +958,7 @@ static void coroutine_fn qcow2_co_get_info(BlockDriverState *bs,
         g_string_free(names, TRUE);
     }
     for (type = 0; type < 3; type++) {
-        for (bit = 0; bit < 64; bit++) {
-            const char *name;
-
-            if (!(fields[type] & (UINT64_C(1) << bit))) {
-                continue;
-            }
-            name = qcow2_feature_name(s, type, bit);
-            if (features->len) {
-                g_string_append(features, ", ");
-            }
-            if (name) {
-                g_string_append(features, name);
-            } else {
-                g_string_append_printf(features, "%s bit %d",
-                                       feature_kinds[type], bit);
-            }
-        }
+        feature_list(s, features, type, fields[type], false);
     }
     image_info_add(spec, "features", "%s",
                    features->len ? features->str : "none");
@@ -1016,21 +1003,21 @@ static int coroutine_fn qcow2_co_create(BdrvChild *file, int64_t size,
     int ret;
 
     if (size < 0 || size % 512) {
-        return open_error(errp, EINVAL,
-                          "cannot create a qcow2 image of %" PRId64
-                          " bytes: the size must be a multiple of 512",
-                          size);
+        return set_error(errp, EINVAL,
+                         "cannot create a qcow2 image of %" PRId64
+                         " bytes: the size must be a multiple of 512",
+                         size);
     }
     if (blen > QCOW2_MAX_BACKING_NAME) {
-        return open_error(errp, ENAMETOOLONG,
-                          "backing file name is too long (%zu bytes)", blen);
+        return set_error(errp, ENAMETOOLONG,
+                         "backing file name is too long (%zu bytes)", blen);
     }
     l1_size = DIV_ROUND_UP((uint64_t)size, (uint64_t)cs * (cs / 8));
     if (l1_size * 8 > QCOW2_MAX_L1_BYTES) {
-        return open_error(errp, EFBIG,
-                          "cannot create a qcow2 image of %" PRId64
-                          " bytes: too large",
-                          size);
+        return set_error(errp, EFBIG,
+                         "cannot create a qcow2 image of %" PRId64
+                         " bytes: too large",
+                         size);
     }
     l1_clusters = DIV_ROUND_UP(l1_size * 8, (uint64_t)cs);
     nclusters = 3 + l1_clusters;
@@ -1054,7 +1041,7 @@ static int coroutine_fn qcow2_co_create(BdrvChild *file, int64_t size,
 
         if (flen > 64) {
             bdrv_vfree(buf);
-            return open_error(errp, EINVAL, "backing format name too long");
+            return set_error(errp, EINVAL, "backing format name too long");
         }
         qcow2_put_be32(buf + pos, QCOW2_EXT_BACKING_FORMAT);
         qcow2_put_be32(buf + pos + 4, flen);
@@ -1087,8 +1074,8 @@ static int coroutine_fn qcow2_co_create(BdrvChild *file, int64_t size,
         ret = bdrv_co_flush(file->bs);
     }
     if (ret < 0) {
-        return open_error(errp, -ret, "cannot write the new image '%s': %s",
-                          bdrv_name(file->bs), g_strerror(-ret));
+        return set_error(errp, -ret, "cannot write the new image '%s': %s",
+                         bdrv_name(file->bs), g_strerror(-ret));
     }
     return 0;
 }
