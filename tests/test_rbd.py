@@ -278,8 +278,11 @@ def test_qcow2_in_rbd(ceph_cluster, imgfs, imgfs_bin, tmp_path):
     uri = c.uri("rbd/q2")
     m = imgfs({"q": {"file": uri, "format": "qcow2"}})
     assert os.path.getsize(m.drive("q")) == 64 * MiB
-    expect = run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", uri,
-                 "/dev/stdout", text=False).stdout
+    # qemu-img cannot convert to /dev/stdout when it is a pipe: it tries
+    # to resize its output
+    converted = tmp_path / "converted.raw"
+    run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", uri, converted)
+    expect = converted.read_bytes()
     assert_same_bytes(m.drive("q").read_bytes(), expect,
                       "qcow2 in rbd vs qemu-img convert")
     data = pattern(3 * MiB, 7)
