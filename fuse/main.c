@@ -63,7 +63,9 @@ static void version(void)
     printf("imgfs %s\n", IFS_VERSION);
     blk_list_drivers(s);
     fputs(s->str, stdout);
-#ifndef CONFIG_RBD
+#if defined(CONFIG_RBD_DISABLED)
+    printf("rbd: not built (disabled with -Drbd=disabled)\n");
+#elif !defined(CONFIG_RBD)
     printf("rbd: not built (librbd was not found at build time)\n");
 #endif
 }
