@@ -52,6 +52,16 @@
 #define IFS_BUF_POOL 64
 /* Requests read per wake-up before other work gets a turn. */
 #define IFS_QUEUE_BATCH 32
+/*
+ * A secondary queue (every one but queue 0) that found nothing to read in
+ * IFS_PARK_EMPTY of its last IFS_PARK_WINDOW wake-ups stops watching
+ * /dev/fuse until queue 0 finds a backlog.  All queues of a mount share
+ * the kernel's one request queue: at low load the kernel wakes an idle
+ * secondary while queue 0 is already spinning for the request, and that
+ * wasted wake-up costs a CPU that the program doing the I/O needs.
+ */
+#define IFS_PARK_WINDOW 32
+#define IFS_PARK_EMPTY 24
 
 struct IfsBuf {
     char *mem;
@@ -119,10 +129,15 @@ static void ifs_buf_pool_drain(void)
 
 struct IfsQueue {
     IfsMount *mount;
+    unsigned idx;
     int fd;
     bool own_fd;
     AioContext *ctx;
     IfsBuf *spare;
+    bool parked;    /* not watching its fd (atomic: queue 0 reads it) */
+    bool stopped;   /* owner thread only */
+    unsigned wakes; /* wake-ups in this window ... */
+    unsigned empty; /* ... and how many of them found nothing */
 };
 
 IfsDrive *ifs_drive_ref(IfsDrive *d)
@@ -263,10 +278,60 @@ static void ifs_queue_dead(IfsQueue *q)
     }
 }
 
+static void ifs_queue_readable(void *opaque);
+
+static void ifs_queue_unpark_bh(void *opaque)
+{
+    IfsQueue *q = opaque;
+
+    if (!q->stopped) {
+        q->wakes = q->empty = 0;
+        aio_set_fd_handler_flags(q->ctx, q->fd, ifs_queue_readable, NULL, q,
+                                 AIO_FD_EXCLUSIVE);
+    }
+}
+
+/* Queue 0 found more than one request waiting: let the others help. */
+static void ifs_queues_unpark(IfsMount *m)
+{
+    unsigned i;
+
+    for (i = 1; i < m->nthreads; i++) {
+        IfsQueue *q = m->queues[i];
+        bool parked = true;
+
+        if (q &&
+            __atomic_compare_exchange_n(&q->parked, &parked, false, false,
+                                        __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
+            aio_bh_schedule_oneshot(q->ctx, ifs_queue_unpark_bh, q);
+        }
+    }
+}
+
+/* Queue @q's wake-up read @got requests. */
+static void ifs_queue_account(IfsQueue *q, int got)
+{
+    if (q->idx == 0) {
+        if (got > 1) {
+            ifs_queues_unpark(q->mount);
+        }
+        return;
+    }
+    q->empty += got == 0;
+    if (++q->wakes < IFS_PARK_WINDOW) {
+        return;
+    }
+    if (q->empty >= IFS_PARK_EMPTY) {
+        aio_set_fd_handler(q->ctx, q->fd, NULL, NULL, NULL);
+        __atomic_store_n(&q->parked, true, __ATOMIC_SEQ_CST);
+    }
+    q->wakes = q->empty = 0;
+}
+
 static void ifs_queue_readable(void *opaque)
 {
     IfsQueue *q = opaque;
-    int i;
+    int i, got = 0;
 
     for (i = 0; i < IFS_QUEUE_BATCH; i++) {
         struct fuse_buf fbuf;
@@ -287,6 +352,7 @@ static void ifs_queue_readable(void *opaque)
             case ENOENT: /* the request was interrupted meanwhile */
                 continue;
             case EAGAIN:
+                ifs_queue_account(q, got);
                 return;
             case ENODEV: /* unmounted */
                 ifs_queue_dead(q);
@@ -301,6 +367,7 @@ static void ifs_queue_readable(void *opaque)
             ifs_queue_dead(q);
             return;
         }
+        got++;
         memset(&fbuf, 0, sizeof(fbuf));
         fbuf.mem = q->spare->mem + IFS_BUF_PAD;
         fbuf.size = n;
@@ -311,12 +378,14 @@ static void ifs_queue_readable(void *opaque)
         }
         ifs_ops_set_current(-1, NULL);
     }
+    ifs_queue_account(q, got);
 }
 
 static void ifs_queue_stop(void *opaque)
 {
     IfsQueue *q = opaque;
 
+    q->stopped = true;
     aio_set_fd_handler(q->ctx, q->fd, NULL, NULL, NULL);
     if (q->spare) {
         ifs_buf_free(q->spare);
@@ -330,6 +399,7 @@ static IfsQueue *ifs_queue_new(IfsMount *m, unsigned idx, GError **errp)
     int session_fd = fuse_session_fd(m->se);
 
     q->mount = m;
+    q->idx = idx;
     q->ctx = iothread_get_ctx(m->threads[idx]);
     if (idx == 0) {
         q->fd = session_fd;
@@ -353,7 +423,8 @@ static IfsQueue *ifs_queue_new(IfsMount *m, unsigned idx, GError **errp)
     }
     fcntl(q->fd, F_SETFL, fcntl(q->fd, F_GETFL) | O_NONBLOCK);
     /* The iothread has not started yet: we may set its handlers. */
-    aio_set_fd_handler(q->ctx, q->fd, ifs_queue_readable, NULL, q);
+    aio_set_fd_handler_flags(q->ctx, q->fd, ifs_queue_readable, NULL, q,
+                             AIO_FD_EXCLUSIVE);
     return q;
 }
 

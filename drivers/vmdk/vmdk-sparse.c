@@ -12,11 +12,17 @@
  * (RGD) is kept in sync on every update.
  *
  * Writes: an allocation writes the whole grain first (merged with the
- * parent disk's data or zeros) at the end of the file, then the grain
- * table entry (primary, then redundant), so a crash leaves at worst an
- * unreferenced grain.  Grain tables are cached whole once read (4 bytes
- * per grain: 64 KiB of memory per GiB of disk with 64 KiB grains) and
- * written through, so there is nothing to flush.
+ * parent disk's data or zeros) at the end of the file, then sets the
+ * grain table entry in the cached table.  Grain tables are cached whole
+ * once read (4 bytes per grain: 64 KiB of memory per GiB of disk with
+ * 64 KiB grains) and written back, as qcow2's L2 tables are: a flush
+ * first makes the extent file durable (so every grain an entry points to
+ * is on disk), then writes the changed tables (primary, then redundant);
+ * blockcore then flushes the file again.  So a crash or a power loss
+ * leaves at worst an unreferenced grain, never an entry pointing at a
+ * grain that is not there, and every write acknowledged by a completed
+ * fsync is in the image.  A new grain table is written (zeros) before
+ * the directory entry that points to it.
  *
  * streamOptimized: a write builds the whole grain (the old grain
  * decompressed, or the parent's data, or zeros), merges the new bytes,
@@ -113,6 +119,7 @@ void vmdk_sparse_free(VmdkSparse *sp)
         }
     }
     g_free(sp->gt);
+    g_free(sp->gt_dirty);
     g_free(sp->gd);
     g_free(sp->rgd);
     g_free(sp);
@@ -779,17 +786,85 @@ static int coroutine_fn vmdk_set_gte(BlockDriverState *bs, VmdkExtent *e,
         ret = vmdk_alloc_gt_locked(e, gdi);
     }
     if (ret == 0) {
-        ret = vmdk_write_entry(e, (int64_t)sp->gd[gdi] * VMDK_SECTOR,
-                               sp->gt[gdi], sp->gte_per_gt, ti, v);
-    }
-    if (ret == 0 && sp->rgd && sp->rgd[gdi]) {
-        ret = vmdk_write_entry(e, (int64_t)sp->rgd[gdi] * VMDK_SECTOR,
-                               sp->gt[gdi], sp->gte_per_gt, ti, v);
-    }
-    if (ret == 0) {
+        if (!sp->gt_dirty) {
+            sp->gt_dirty = g_new0(bool, sp->gd_entries ? sp->gd_entries : 1);
+        }
         sp->gt[gdi][ti] = v;
+        sp->gt_dirty[gdi] = true;
     }
     co_mutex_unlock(&sp->meta_lock);
+    return ret;
+}
+
+/* Write @n entries of table @tab (host order) at @pos, little-endian. */
+static int coroutine_fn vmdk_write_table(VmdkExtent *e, int64_t pos,
+                                         const uint32_t *tab, uint32_t n)
+{
+    int64_t len = ALIGN_UP((int64_t)n * 4, VMDK_SECTOR);
+    uint8_t *buf = g_malloc0(len);
+    uint32_t i;
+    int ret;
+
+    for (i = 0; i < n; i++) {
+        st32(buf + 4 * i, tab[i]);
+    }
+    ret = bdrv_co_pwrite(e->file, pos, len, buf, 0);
+    g_free(buf);
+    return ret;
+}
+
+int coroutine_fn vmdk_sparse_co_flush(BlockDriverState *bs, VmdkExtent *e)
+{
+    VmdkSparse *sp = e->sp;
+    uint32_t **copies = NULL;
+    uint32_t gdi, n = 0;
+    int ret = 0;
+
+    (void)bs;
+    /* What the tables say now: entries set later belong to a later
+     * flush, whose data flush covers their grains. */
+    co_mutex_lock(&sp->meta_lock);
+    for (gdi = 0; sp->gt_dirty && gdi < sp->gd_entries; gdi++) {
+        if (sp->gt_dirty[gdi]) {
+            if (!copies) {
+                copies = g_new0(uint32_t *, sp->gd_entries);
+            }
+            copies[gdi] = g_memdup2(sp->gt[gdi],
+                                    (gsize)sp->gte_per_gt * sizeof(uint32_t));
+            sp->gt_dirty[gdi] = false;
+            n++;
+        }
+    }
+    co_mutex_unlock(&sp->meta_lock);
+    if (!n) {
+        return 0;
+    }
+
+    /* The grains first, then the entries that point to them. */
+    ret = bdrv_co_flush(e->file->bs);
+    for (gdi = 0; gdi < sp->gd_entries; gdi++) {
+        if (!copies[gdi]) {
+            continue;
+        }
+        if (ret == 0) {
+            ret = vmdk_write_table(e, (int64_t)sp->gd[gdi] * VMDK_SECTOR,
+                                   copies[gdi], sp->gte_per_gt);
+        }
+        if (ret == 0 && sp->rgd && sp->rgd[gdi]) {
+            ret = vmdk_write_table(e, (int64_t)sp->rgd[gdi] * VMDK_SECTOR,
+                                   copies[gdi], sp->gte_per_gt);
+        }
+        if (ret < 0) {
+            /* Not written: the next flush tries again. */
+            sp->gt_dirty[gdi] = true;
+        }
+        g_free(copies[gdi]);
+    }
+    g_free(copies);
+    if (ret < 0) {
+        log_error("%s: cannot write grain tables: %s", bdrv_name(e->file->bs),
+                  strerror(-ret));
+    }
     return ret;
 }
 

@@ -733,6 +733,27 @@ fail:
     return ret;
 }
 
+/* Write back the grain tables of the sparse extents; blockcore flushes
+ * the extent files afterwards. */
+static int coroutine_fn vmdk_co_flush(BlockDriverState *bs)
+{
+    VmdkState *s = bs->opaque;
+    int ret = 0, i;
+
+    for (i = 0; i < s->n_extents; i++) {
+        VmdkExtent *e = &s->extents[i];
+
+        if (e->sp && e->file) {
+            int r = vmdk_sparse_co_flush(bs, e);
+
+            if (ret == 0) {
+                ret = r;
+            }
+        }
+    }
+    return ret;
+}
+
 static void coroutine_fn vmdk_co_close(BlockDriverState *bs)
 {
     VmdkState *s = bs->opaque;
@@ -1180,6 +1201,7 @@ const BlockDriver bdrv_vmdk = {
     .refresh_limits = vmdk_refresh_limits,
     .co_preadv = vmdk_co_preadv,
     .co_pwritev = vmdk_co_pwritev,
+    .co_flush = vmdk_co_flush,
     .co_block_status = vmdk_co_block_status,
     .co_get_info = vmdk_co_get_info,
     .co_get_allocated_size = vmdk_co_get_allocated_size,

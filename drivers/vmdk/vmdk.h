@@ -73,12 +73,15 @@ typedef struct VmdkSparse {
     uint64_t grain_bytes; /* power of two, >= 512 */
     uint32_t gte_per_gt;  /* grain table entries per grain table */
     uint32_t gd_entries;
-    int64_t gd_offset;   /* bytes */
-    int64_t rgd_offset;  /* bytes; 0: no redundant directory */
-    int64_t overhead;    /* bytes before the first grain */
-    uint32_t *gd;        /* host order; entries are sector offsets */
-    uint32_t *rgd;       /* NULL without a redundant directory */
-    uint32_t **gt;       /* per directory entry: cached table or NULL */
+    int64_t gd_offset;  /* bytes */
+    int64_t rgd_offset; /* bytes; 0: no redundant directory */
+    int64_t overhead;   /* bytes before the first grain */
+    uint32_t *gd;       /* host order; entries are sector offsets */
+    uint32_t *rgd;      /* NULL without a redundant directory */
+    uint32_t **gt;      /* per directory entry: cached table or NULL */
+    /* per directory entry: the cached table has entries not yet written
+     * (write-back, see vmdk_sparse_co_flush); NULL until the first */
+    bool *gt_dirty;
     bool compressed;     /* deflate grains (streamOptimized) */
     bool markers;        /* grains preceded by markers */
     bool zero_grain;     /* entry 1 means "zeroed grain" */
@@ -163,6 +166,9 @@ int coroutine_fn vmdk_sparse_co_preadv(BlockDriverState *bs, VmdkExtent *e,
 int coroutine_fn vmdk_sparse_co_pwritev(BlockDriverState *bs, VmdkExtent *e,
                                         int64_t off, int64_t bytes,
                                         IOVector *qiov, size_t qoff);
+/* Write the grain table entries set since the last flush, after making
+ * the grains they point to durable. */
+int coroutine_fn vmdk_sparse_co_flush(BlockDriverState *bs, VmdkExtent *e);
 /* Set (@on) or clear the unclean-shutdown flag in the header. */
 int coroutine_fn vmdk_sparse_co_set_unclean(BlockDriverState *bs, VmdkExtent *e,
                                             bool on);

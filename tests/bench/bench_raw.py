@@ -161,12 +161,12 @@ def ratio(a, b):
     return "n/a" if a is None or b is None or b == 0 else f"{a / b:.2f}"
 
 
-def print_table(results, targets, rounds):
+def print_table(jobs, results, targets, rounds):
     head = f"{'job':<19}{'unit':<7}" + "".join(f"{t:>10}" for t in targets)
     head += f"{'imgfs/qsd':>11}{'imgfs/plain':>13}"
     print(head)
     print("-" * len(head))
-    for label, _, _, _, unit in JOBS:
+    for label, _, _, _, unit in jobs:
         med = {}
         for t in targets:
             values = [v for v in results[label][t] if v is not None]
@@ -178,7 +178,7 @@ def print_table(results, targets, rounds):
         print(row)
     if rounds > 1:
         print("\nevery round:")
-        for label, _, _, _, unit in JOBS:
+        for label, _, _, _, unit in jobs:
             for t in targets:
                 values = " ".join(fmt(v, unit) for v in results[label][t])
                 print(f"  {label:<19}{t:<7}{values}")
@@ -198,7 +198,13 @@ def main():
                              "(default: a new one under /var/tmp)")
     parser.add_argument("--imgfs", type=Path, default=Path(
         os.environ.get("IMGFS_BIN", ROOT / "build" / "imgfs")))
+    parser.add_argument("--only", default=None, metavar="TEXT",
+                        help="run only the jobs whose label contains TEXT, "
+                             "e.g. QD1")
     args = parser.parse_args()
+    jobs = [j for j in JOBS if args.only is None or args.only in j[0]]
+    if not jobs:
+        sys.exit(f"bench_raw: no job matches --only {args.only!r}")
 
     if os.geteuid() != 0:
         sys.exit("bench_raw: needs root to drop the page cache")
@@ -238,14 +244,14 @@ def main():
                 unavailable["qsd"] = str(e)
 
         running = [t for t in TARGETS if t in paths]
-        results = {label: {t: [] for t in TARGETS} for label, *_ in JOBS}
-        total = len(JOBS) * len(running) * args.rounds * args.runtime
-        log(f"bench_raw: {len(JOBS)} jobs x {len(running)} targets x "
+        results = {label: {t: [] for t in TARGETS} for label, *_ in jobs}
+        total = len(jobs) * len(running) * args.rounds * args.runtime
+        log(f"bench_raw: {len(jobs)} jobs x {len(running)} targets x "
             f"{args.rounds} rounds x {args.runtime} s = about "
             f"{total / 60:.1f} min")
         for rnd in range(args.rounds):
             order = running[rnd % len(running):] + running[:rnd % len(running)]
-            for label, rw, bs, iodepth, unit in JOBS:
+            for label, rw, bs, iodepth, unit in jobs:
                 for t in order:
                     drop_caches()
                     try:
@@ -274,7 +280,7 @@ def main():
     for t, why in unavailable.items():
         print(f"{t}: n/a: {why}")
     print()
-    print_table(results, TARGETS, args.rounds)
+    print_table(jobs, results, TARGETS, args.rounds)
 
 
 if __name__ == "__main__":
