@@ -209,12 +209,6 @@ static void aio_consume_notify(AioContext *ctx)
 void aio_set_fd_handler(AioContext *ctx, int fd, IOHandler *io_read,
                         IOHandler *io_write, void *opaque)
 {
-    aio_set_fd_handler_flags(ctx, fd, io_read, io_write, opaque, 0);
-}
-
-void aio_set_fd_handler_flags(AioContext *ctx, int fd, IOHandler *io_read,
-                              IOHandler *io_write, void *opaque, unsigned flags)
-{
     AioHandler *h, **link;
     struct epoll_event ev;
 
@@ -242,21 +236,12 @@ void aio_set_fd_handler_flags(AioContext *ctx, int fd, IOHandler *io_read,
     }
 
     ev.events = (io_read ? EPOLLIN : 0) | (io_write ? EPOLLOUT : 0);
-    if (flags & AIO_FD_EXCLUSIVE) {
-        ev.events |= EPOLLEXCLUSIVE;
-    }
     if (h) {
         h->io_read = io_read;
         h->io_write = io_write;
         h->opaque = opaque;
         ev.data.ptr = h;
-        if (flags & AIO_FD_EXCLUSIVE) {
-            /* EPOLLEXCLUSIVE cannot be modified, only added afresh */
-            epoll_ctl(ctx->epfd, EPOLL_CTL_DEL, fd, NULL);
-            epoll_ctl(ctx->epfd, EPOLL_CTL_ADD, fd, &ev);
-        } else {
-            epoll_ctl(ctx->epfd, EPOLL_CTL_MOD, fd, &ev);
-        }
+        epoll_ctl(ctx->epfd, EPOLL_CTL_MOD, fd, &ev);
         return;
     }
     h = g_new0(AioHandler, 1);

@@ -52,16 +52,6 @@ void aio_set_fd_handler(AioContext *ctx, int fd, IOHandler *io_read,
                         IOHandler *io_write, void *opaque);
 
 /*
- * AIO_FD_EXCLUSIVE: @fd shares a wait queue with fds that other event
- * loops watch (the cloned /dev/fuse fds of one mount); an event wakes one
- * of those loops, not all of them (EPOLLEXCLUSIVE).
- */
-#define AIO_FD_EXCLUSIVE 1u
-void aio_set_fd_handler_flags(AioContext *ctx, int fd, IOHandler *io_read,
-                              IOHandler *io_write, void *opaque,
-                              unsigned flags);
-
-/*
  * One iteration: wait for events (only if @blocking and nothing is
  * pending), then run fd handlers, bottom halves, woken coroutines and
  * expired timers.  Returns true if anything ran.  Owner thread only.

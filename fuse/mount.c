@@ -53,15 +53,18 @@
 /* Requests read per wake-up before other work gets a turn. */
 #define IFS_QUEUE_BATCH 32
 /*
- * A secondary queue (every one but queue 0) that found nothing to read in
- * IFS_PARK_EMPTY of its last IFS_PARK_WINDOW wake-ups stops watching
- * /dev/fuse until queue 0 finds a backlog.  All queues of a mount share
- * the kernel's one request queue: at low load the kernel wakes an idle
- * secondary while queue 0 is already spinning for the request, and that
- * wasted wake-up costs a CPU that the program doing the I/O needs.
+ * Extra queues help only under load.  All queues of a mount share the
+ * kernel's one request queue and every idle queue is woken for every
+ * request (FUSE wakes its readers without a poll key, so EPOLLEXCLUSIVE
+ * does not help); at iodepth 1 the request then often lands on a queue
+ * whose thread does not serve the drive and costs a hand-over to the
+ * drive's thread, and the wasted wake-ups take CPU time that the program
+ * doing the I/O needs.  So a secondary queue (every one but queue 0) that
+ * found no backlog (more than one request waiting) in IFS_PARK_WINDOW
+ * wake-ups stops watching /dev/fuse; any queue that finds a backlog wakes
+ * the parked ones again.
  */
 #define IFS_PARK_WINDOW 32
-#define IFS_PARK_EMPTY 24
 
 struct IfsBuf {
     char *mem;
@@ -134,10 +137,9 @@ struct IfsQueue {
     bool own_fd;
     AioContext *ctx;
     IfsBuf *spare;
-    bool parked;    /* not watching its fd (atomic: queue 0 reads it) */
-    bool stopped;   /* owner thread only */
-    unsigned wakes; /* wake-ups in this window ... */
-    unsigned empty; /* ... and how many of them found nothing */
+    bool parked;   /* not watching its fd (atomic: queue 0 reads it) */
+    bool stopped;  /* owner thread only */
+    unsigned calm; /* wake-ups in a row without a backlog */
 };
 
 IfsDrive *ifs_drive_ref(IfsDrive *d)
@@ -285,13 +287,12 @@ static void ifs_queue_unpark_bh(void *opaque)
     IfsQueue *q = opaque;
 
     if (!q->stopped) {
-        q->wakes = q->empty = 0;
-        aio_set_fd_handler_flags(q->ctx, q->fd, ifs_queue_readable, NULL, q,
-                                 AIO_FD_EXCLUSIVE);
+        q->calm = 0;
+        aio_set_fd_handler(q->ctx, q->fd, ifs_queue_readable, NULL, q);
     }
 }
 
-/* Queue 0 found more than one request waiting: let the others help. */
+/* A queue found more than one request waiting: let the others help. */
 static void ifs_queues_unpark(IfsMount *m)
 {
     unsigned i;
@@ -311,21 +312,13 @@ static void ifs_queues_unpark(IfsMount *m)
 /* Queue @q's wake-up read @got requests. */
 static void ifs_queue_account(IfsQueue *q, int got)
 {
-    if (q->idx == 0) {
-        if (got > 1) {
-            ifs_queues_unpark(q->mount);
-        }
-        return;
-    }
-    q->empty += got == 0;
-    if (++q->wakes < IFS_PARK_WINDOW) {
-        return;
-    }
-    if (q->empty >= IFS_PARK_EMPTY) {
+    if (got > 1) {
+        q->calm = 0;
+        ifs_queues_unpark(q->mount);
+    } else if (q->idx > 0 && ++q->calm >= IFS_PARK_WINDOW) {
         aio_set_fd_handler(q->ctx, q->fd, NULL, NULL, NULL);
         __atomic_store_n(&q->parked, true, __ATOMIC_SEQ_CST);
     }
-    q->wakes = q->empty = 0;
 }
 
 static void ifs_queue_readable(void *opaque)
@@ -423,8 +416,7 @@ static IfsQueue *ifs_queue_new(IfsMount *m, unsigned idx, GError **errp)
     }
     fcntl(q->fd, F_SETFL, fcntl(q->fd, F_GETFL) | O_NONBLOCK);
     /* The iothread has not started yet: we may set its handlers. */
-    aio_set_fd_handler_flags(q->ctx, q->fd, ifs_queue_readable, NULL, q,
-                             AIO_FD_EXCLUSIVE);
+    aio_set_fd_handler(q->ctx, q->fd, ifs_queue_readable, NULL, q);
     return q;
 }
 

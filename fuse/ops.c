@@ -262,6 +262,14 @@ static void ifs_op_open(fuse_req_t req, fuse_ino_t ino,
     }
     fi->fh = (uint64_t)(uintptr_t)d; /* the reference goes with the file */
     fi->keep_cache = 0;
+    /*
+     * An O_DIRECT opener (a VMM with cache=none, fio --direct=1) gets the
+     * kernel's direct-I/O file path: on the ordinary path every write
+     * first asks us for the security.capability xattr (to drop setuid
+     * bits; FUSE forbids the kernel to remember the answer), a second
+     * round trip per write.  The page cache is bypassed either way.
+     */
+    fi->direct_io = (fi->flags & O_DIRECT) != 0;
     if (fuse_reply_open(req, fi) == -ENOENT) {
         /* The opener was interrupted: no release will come. */
         ifs_release_drive(d);
