@@ -132,12 +132,11 @@ static void ifs_buf_pool_drain(void)
 
 struct IfsQueue {
     IfsMount *mount;
-    unsigned idx;
+    unsigned idx; /* 0: the session's fd; others: clones we own */
     int fd;
-    bool own_fd;
     AioContext *ctx;
     IfsBuf *spare;
-    bool parked;   /* not watching its fd (atomic: queue 0 reads it) */
+    bool parked;   /* not watching its fd (atomic: other queues read it) */
     bool stopped;  /* owner thread only */
     unsigned calm; /* wake-ups in a row without a backlog */
 };
@@ -301,7 +300,9 @@ static void ifs_queues_unpark(IfsMount *m)
         IfsQueue *q = m->queues[i];
         bool parked = true;
 
-        if (q &&
+        /* a plain load first: under load no queue is parked, and the
+         * compare-exchange would bounce the cache line between threads */
+        if (q && __atomic_load_n(&q->parked, __ATOMIC_RELAXED) &&
             __atomic_compare_exchange_n(&q->parked, &parked, false, false,
                                         __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
             aio_bh_schedule_oneshot(q->ctx, ifs_queue_unpark_bh, q);
@@ -412,7 +413,6 @@ static IfsQueue *ifs_queue_new(IfsMount *m, unsigned idx, GError **errp)
             g_free(q);
             return NULL;
         }
-        q->own_fd = true;
     }
     fcntl(q->fd, F_SETFL, fcntl(q->fd, F_GETFL) | O_NONBLOCK);
     /* The iothread has not started yet: we may set its handlers. */
@@ -924,7 +924,7 @@ static int ifs_shutdown(IfsMount *m)
     for (i = 0; i < m->nthreads; i++) {
         iothread_free(m->threads[i]);
         if (m->queues && m->queues[i]) {
-            if (m->queues[i]->own_fd) {
+            if (m->queues[i]->idx > 0) {
                 close(m->queues[i]->fd);
             }
             g_free(m->queues[i]);

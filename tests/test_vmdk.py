@@ -27,6 +27,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from qcow2util import killable_mount, sigkill
+
 ROOT = Path(__file__).resolve().parent.parent
 IMGFS = os.environ.get("IMGFS_BIN") or str(ROOT / "build" / "imgfs")
 MiB = 1 << 20
@@ -709,8 +711,6 @@ def test_info_reports_subformat_and_extents(tmp_path):
 def test_fsynced_grains_survive_sigkill(imgfs_bin, tmp_path, subformat):
     """Grain tables are written back at flush: what an fsync acknowledged
     is in the image after the daemon is killed, and qemu-img agrees."""
-    from qcow2util import killable_mount, sigkill
-
     img = make_image(tmp_path, subformat, 8 * MiB, ["write -P 0x11 0 1M"])
     expect = bytearray(to_raw(img, tmp_path / "before.raw"))
     rng = random.Random(5)

@@ -245,7 +245,8 @@ int coroutine_fn vmdk_sparse_co_load_gd(BlockDriverState *bs, VmdkExtent *e,
     }
     (void)bs;
     sp->gt = g_try_new0(uint32_t *, sp->gd_entries ? sp->gd_entries : 1);
-    if (!sp->gt) {
+    sp->gt_dirty = g_try_new0(bool, sp->gd_entries ? sp->gd_entries : 1);
+    if (!sp->gt || !sp->gt_dirty) {
         return -ENOMEM;
     }
     return 0;
@@ -786,9 +787,6 @@ static int coroutine_fn vmdk_set_gte(BlockDriverState *bs, VmdkExtent *e,
         ret = vmdk_alloc_gt_locked(e, gdi);
     }
     if (ret == 0) {
-        if (!sp->gt_dirty) {
-            sp->gt_dirty = g_new0(bool, sp->gd_entries ? sp->gd_entries : 1);
-        }
         sp->gt[gdi][ti] = v;
         sp->gt_dirty[gdi] = true;
     }
@@ -824,7 +822,7 @@ int coroutine_fn vmdk_sparse_co_flush(BlockDriverState *bs, VmdkExtent *e)
     /* What the tables say now: entries set later belong to a later
      * flush, whose data flush covers their grains. */
     co_mutex_lock(&sp->meta_lock);
-    for (gdi = 0; sp->gt_dirty && gdi < sp->gd_entries; gdi++) {
+    for (gdi = 0; gdi < sp->gd_entries; gdi++) {
         if (sp->gt_dirty[gdi]) {
             if (!copies) {
                 copies = g_new0(uint32_t *, sp->gd_entries);

@@ -80,7 +80,7 @@ typedef struct VmdkSparse {
     uint32_t *rgd;      /* NULL without a redundant directory */
     uint32_t **gt;      /* per directory entry: cached table or NULL */
     /* per directory entry: the cached table has entries not yet written
-     * (write-back, see vmdk_sparse_co_flush); NULL until the first */
+     * (write-back, see vmdk_sparse_co_flush) */
     bool *gt_dirty;
     bool compressed;     /* deflate grains (streamOptimized) */
     bool markers;        /* grains preceded by markers */
