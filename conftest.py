@@ -69,6 +69,29 @@ def pytest_configure(config):
         if sbin not in path:
             path.append(sbin)
     os.environ["PATH"] = os.pathsep.join(path)
+    # Mounts with the default [imgfs] fuse-uring = auto take io_uring when
+    # the fuse module allows it: allow it, so the whole suite runs over
+    # the transport users get when they switch it on (tests of the
+    # /dev/fuse transport say fuse-uring = off).
+    if os.geteuid() == 0 and os.path.exists(FUSE_URING_PARAM):
+        set_fuse_uring_param(True)
+
+
+FUSE_URING_PARAM = "/sys/module/fuse/parameters/enable_uring"
+
+
+def fuse_uring_param():
+    """The fuse module's enable_uring parameter (None: no such kernel)."""
+    try:
+        with open(FUSE_URING_PARAM) as f:
+            return f.read().strip() in ("Y", "1")
+    except FileNotFoundError:
+        return None
+
+
+def set_fuse_uring_param(on):
+    with open(FUSE_URING_PARAM, "w") as f:
+        f.write("Y\n" if on else "N\n")
 
 
 # -- skipping, or failing in CI ------------------------------------------

@@ -37,11 +37,29 @@ struct UringOp {
 struct AioUring {
     AioContext *ctx;
     struct io_uring ring;
+    bool sqe128; /* room for passthrough commands */
     AioBH *submit_bh;
     unsigned queued; /* prepared but not yet submitted */
     UringOp *wait_head;
     UringOp *wait_tail;
+    AioUringCmd *cmd_wait_head;
+    AioUringCmd *cmd_wait_tail;
 };
+
+/* The user_data of a command's SQE has this bit set; a UringOp's not. */
+#define URING_CMD_TAG ((uintptr_t)1)
+
+static void uring_prep_cmd(struct io_uring_sqe *sqe, AioUringCmd *c)
+{
+    memset(sqe, 0, 2 * sizeof(*sqe));
+    sqe->opcode = IORING_OP_URING_CMD;
+    sqe->fd = c->fd;
+    sqe->cmd_op = c->cmd_op;
+    sqe->addr = c->addr;
+    sqe->len = c->len;
+    memcpy(sqe->cmd, c->data, AIO_URING_CMD_DATA);
+    io_uring_sqe_set_data(sqe, (void *)((uintptr_t)c | URING_CMD_TAG));
+}
 
 static void uring_prep(struct io_uring_sqe *sqe, UringOp *op)
 {
@@ -99,6 +117,20 @@ static void uring_submit(AioUring *u)
             u->wait_tail = NULL;
         }
         uring_prep(sqe, op);
+        u->queued++;
+    }
+    while (u->cmd_wait_head) {
+        struct io_uring_sqe *sqe = io_uring_get_sqe(&u->ring);
+        AioUringCmd *c = u->cmd_wait_head;
+
+        if (!sqe) {
+            break;
+        }
+        u->cmd_wait_head = c->next;
+        if (!u->cmd_wait_head) {
+            u->cmd_wait_tail = NULL;
+        }
+        uring_prep_cmd(sqe, c);
         u->queued++;
     }
     if (!u->queued) {
@@ -184,14 +216,25 @@ static void uring_completion(void *opaque)
 {
     AioUring *u = opaque;
     UringOp *done = NULL, **tail = &done;
+    AioUringCmd *cmds = NULL, **cmd_tail = &cmds;
     struct io_uring_cqe *cqe;
     unsigned head, n = 0;
 
     io_uring_for_each_cqe(&u->ring, head, cqe)
     {
-        UringOp *op = io_uring_cqe_get_data(cqe);
+        uintptr_t data = (uintptr_t)io_uring_cqe_get_data(cqe);
+        UringOp *op = (UringOp *)data;
 
         n++;
+        if (data & URING_CMD_TAG) {
+            AioUringCmd *c = (AioUringCmd *)(data & ~URING_CMD_TAG);
+
+            c->res = cqe->res;
+            c->next = NULL;
+            *cmd_tail = c;
+            cmd_tail = &c->next;
+            continue;
+        }
         if (uring_op_complete(u, op, cqe->res)) {
             op->next = NULL;
             *tail = op;
@@ -207,6 +250,12 @@ static void uring_completion(void *opaque)
         done = op->next;
         op->done = true;
         co_enter(op->co);
+    }
+    while (cmds) {
+        AioUringCmd *c = cmds;
+
+        cmds = c->next;
+        c->complete(c, c->res);
     }
 }
 
@@ -229,7 +278,12 @@ AioUring *aio_uring_get(AioContext *ctx, GError **errp)
         return u;
     }
     u = g_new0(AioUring, 1);
-    ret = io_uring_queue_init(URING_ENTRIES, &u->ring, 0);
+    /* 128-byte SQEs carry passthrough commands (FUSE over io_uring) */
+    ret = io_uring_queue_init(URING_ENTRIES, &u->ring, IORING_SETUP_SQE128);
+    u->sqe128 = ret == 0;
+    if (ret == -EINVAL) {
+        ret = io_uring_queue_init(URING_ENTRIES, &u->ring, 0);
+    }
     if (ret < 0) {
         g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(-ret),
                     "io_uring is not available: %s", g_strerror(-ret));
@@ -241,6 +295,38 @@ AioUring *aio_uring_get(AioContext *ctx, GError **errp)
     aio_set_fd_handler(ctx, u->ring.ring_fd, uring_completion, NULL, u);
     aio_context_set_slot(ctx, AIO_SLOT_URING, u, uring_destroy);
     return u;
+}
+
+bool aio_uring_has_cmds(AioUring *u)
+{
+    return u->sqe128;
+}
+
+void aio_uring_queue_cmd(AioUring *u, AioUringCmd *c)
+{
+    struct io_uring_sqe *sqe =
+        u->cmd_wait_head ? NULL : io_uring_get_sqe(&u->ring);
+
+    if (sqe) {
+        uring_prep_cmd(sqe, c);
+        u->queued++;
+    } else {
+        c->next = NULL;
+        if (u->cmd_wait_tail) {
+            u->cmd_wait_tail->next = c;
+        } else {
+            u->cmd_wait_head = c;
+        }
+        u->cmd_wait_tail = c;
+    }
+    aio_bh_schedule(u->submit_bh);
+}
+
+AioUring *aio_uring_current(void)
+{
+    AioContext *ctx = aio_current();
+
+    return ctx ? aio_context_slot(ctx, AIO_SLOT_URING) : NULL;
 }
 
 static int coroutine_fn uring_co_run(AioUring *u, UringOp *op)

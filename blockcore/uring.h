@@ -37,4 +37,37 @@ int coroutine_fn aio_uring_co_fdatasync(AioUring *u, int fd);
 int coroutine_fn aio_uring_co_fallocate(AioUring *u, int fd, int mode,
                                         int64_t offset, int64_t len);
 
+/*
+ * A passthrough command (IORING_OP_URING_CMD) of a driver outside
+ * blockcore, e.g. FUSE over io_uring.  The caller fills in the fields and
+ * owns the memory until @complete runs (in the thread of the ring it was
+ * queued on, with the CQE's result).  Rings have 128-byte SQEs where the
+ * kernel allows, so @data is the full 80-byte command area.
+ */
+#define AIO_URING_CMD_DATA 80
+
+typedef struct AioUringCmd AioUringCmd;
+
+struct AioUringCmd {
+    int fd;
+    uint32_t cmd_op;
+    uint64_t addr;
+    uint32_t len;
+    uint8_t data[AIO_URING_CMD_DATA];
+    void (*complete)(AioUringCmd *cmd, int res);
+    /* private */
+    AioUringCmd *next; /* waiting for room, or completed */
+    int res;
+};
+
+/* Can this ring carry AioUringCmds (it has 128-byte SQEs)? */
+bool aio_uring_has_cmds(AioUring *u);
+
+/* Queue @cmd; it goes to the kernel with this loop iteration's batch.
+ * Owner thread only. */
+void aio_uring_queue_cmd(AioUring *u, AioUringCmd *cmd);
+
+/* The ring of the calling thread's event loop, if it has one. */
+AioUring *aio_uring_current(void);
+
 #endif /* BLOCKCORE_URING_H */

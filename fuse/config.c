@@ -206,6 +206,20 @@ static bool config_load_global(IfsConfig *cfg, GKeyFile *kf, ConfigLines *cl,
                 return false;
             }
             cfg->poll_max_ns = n;
+        } else if (!strcmp(keys[i], "fuse-uring")) {
+            bool on;
+
+            if (!strcmp(v, "auto")) {
+                cfg->fuse_uring = IFS_URING_AUTO;
+            } else if (opt_parse_bool(v, &on) == 0) {
+                cfg->fuse_uring = on ? IFS_URING_ON : IFS_URING_OFF;
+            } else {
+                config_error(errp, cfg->path, line,
+                             "[imgfs]: key 'fuse-uring': invalid value '%s' "
+                             "(use auto, on or off)",
+                             v);
+                return false;
+            }
         } else if (!strcmp(keys[i], "control")) {
             if (!*v) {
                 config_error(errp, cfg->path, line,

@@ -31,6 +31,13 @@ typedef struct IfsDriveConfig {
     BlockBackendOptions opts;
 } IfsDriveConfig;
 
+/* [imgfs] fuse-uring: how requests travel from the kernel */
+typedef enum IfsUringMode {
+    IFS_URING_AUTO, /* io_uring if the fuse module allows it, else read() */
+    IFS_URING_ON,   /* io_uring, switching the module parameter on */
+    IFS_URING_OFF,  /* read()/writev() on /dev/fuse */
+} IfsUringMode;
+
 typedef struct IfsConfig {
     char *path;     /* as given, for messages */
     char *abs_path; /* absolute, for reloads after the daemon detached */
@@ -38,8 +45,9 @@ typedef struct IfsConfig {
     unsigned iothreads;
     int64_t poll_max_ns; /* iothreads' busy polling window */
     char *control;       /* control socket path, NULL: the default */
-    bool format_help;    /* some drive says "format = help" */
-    GPtrArray *drives;   /* IfsDriveConfig *, in file order */
+    IfsUringMode fuse_uring;
+    bool format_help;  /* some drive says "format = help" */
+    GPtrArray *drives; /* IfsDriveConfig *, in file order */
 } IfsConfig;
 
 /*
@@ -53,6 +61,8 @@ void ifs_config_free(IfsConfig *cfg);
 
 typedef struct IfsMount IfsMount;
 typedef struct IfsQueue IfsQueue;
+typedef struct IfsRing IfsRing;
+typedef struct IfsRingEnt IfsRingEnt;
 
 typedef struct IfsDrive {
     char *name;
@@ -97,6 +107,7 @@ struct IfsMount {
     fuse_ino_t next_ino;
     IfsControl *control;
     char *control_path;
+    IfsRing *ring; /* FUSE over io_uring, NULL: not used */
 };
 
 /* Mount, serve until unmounted or signalled, clean up.  Returns the
@@ -138,12 +149,39 @@ char *ifs_control_call(const char *path, const char *request, GError **errp);
 typedef struct IfsBuf IfsBuf;
 void ifs_buf_free(IfsBuf *b);
 
+/* ---- ring.c: FUSE over io_uring ---- */
+
+/*
+ * Prepare the io_uring transport as [imgfs] fuse-uring says: NULL if it
+ * is off or (auto) unavailable; NULL and *errp if it is on and cannot
+ * be.  Creates the iothreads' rings: call before they start.
+ */
+IfsRing *ifs_ring_new(IfsMount *m, GError **errp);
+/* Every request read from /dev/fuse passes here (FUSE_INIT matters). */
+void ifs_ring_note_request(IfsRing *r, const void *buf, size_t len);
+/* Every reply written to /dev/fuse passes here (FUSE_INIT's matters). */
+void ifs_ring_patch_reply(IfsRing *r, struct iovec *iov, int count);
+/* After FUSE_INIT was answered: hand the kernel its ring entries. */
+void ifs_ring_start(IfsRing *r);
+/* Are requests served over io_uring? */
+bool ifs_ring_active(IfsRing *r);
+/* Serve no new requests (shutdown). */
+void ifs_ring_stop(IfsRing *r);
+/* After the iothreads (and their rings) are gone. */
+void ifs_ring_free(IfsRing *r);
+/* libfuse's reply to the request in @e: commit it, fetch the next. */
+ssize_t ifs_ring_reply(IfsRingEnt *e, const struct iovec *iov, int count);
+/* @e's payload buffer if a reply of @size bytes fits there, else NULL. */
+void *ifs_ring_payload(IfsRingEnt *e, size_t size);
+
 /* ---- ops.c ---- */
 
 extern const struct fuse_lowlevel_ops ifs_ops;
 
 /* Set by the queue that read the current request (this thread). */
 void ifs_ops_set_current(int reply_fd, IfsBuf *buf);
+/* Set by the ring for a request that arrived in ring entry @e. */
+void ifs_ops_set_current_ent(IfsRingEnt *e);
 /* Did the op keep the receive buffer (a write in flight)? */
 bool ifs_ops_took_buffer(void);
 /* Writes a reply to the queue its request came from. */

@@ -365,12 +365,14 @@ static void ifs_queue_readable(void *opaque)
         memset(&fbuf, 0, sizeof(fbuf));
         fbuf.mem = q->spare->mem + IFS_BUF_PAD;
         fbuf.size = n;
+        ifs_ring_note_request(q->mount->ring, fbuf.mem, n);
         ifs_ops_set_current(q->fd, q->spare);
         fuse_session_process_buf(q->mount->se, &fbuf);
         if (ifs_ops_took_buffer()) {
             q->spare = NULL;
         }
         ifs_ops_set_current(-1, NULL);
+        ifs_ring_start(q->mount->ring);
     }
     ifs_queue_account(q, got);
 }
@@ -690,6 +692,7 @@ bool ifs_mount_reload(IfsMount *m, GString *report, GError **errp)
     g_autoptr(GPtrArray) opened = g_ptr_array_new();   /* new IfsDrive */
     g_autoptr(GHashTable) keep = g_hash_table_new(g_str_hash, g_str_equal);
     IfsConfig *cfg;
+    const char *fixed;
     GError *err = NULL;
     unsigned i;
 
@@ -698,14 +701,16 @@ bool ifs_mount_reload(IfsMount *m, GString *report, GError **errp)
         g_propagate_prefixed_error(errp, err, "reload: nothing changed: ");
         return false;
     }
-    if (cfg->format_help || cfg->iothreads != m->cfg->iothreads ||
-        cfg->poll_max_ns != m->cfg->poll_max_ns ||
-        g_strcmp0(cfg->control, m->cfg->control)) {
+    fixed = cfg->format_help                           ? "'format = help'"
+            : cfg->iothreads != m->cfg->iothreads      ? "[imgfs] iothreads"
+            : cfg->poll_max_ns != m->cfg->poll_max_ns  ? "[imgfs] poll-max-ns"
+            : cfg->fuse_uring != m->cfg->fuse_uring    ? "[imgfs] fuse-uring"
+            : g_strcmp0(cfg->control, m->cfg->control) ? "[imgfs] control"
+                                                       : NULL;
+    if (fixed) {
         g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,
                     "reload: nothing changed: %s cannot change while mounted",
-                    cfg->format_help                      ? "'format = help'"
-                    : cfg->iothreads != m->cfg->iothreads ? "[imgfs] iothreads"
-                                                          : "[imgfs] control");
+                    fixed);
         ifs_config_free(cfg);
         return false;
     }
@@ -877,6 +882,7 @@ static int ifs_shutdown(IfsMount *m)
     int status = 0;
     unsigned i;
 
+    ifs_ring_stop(m->ring);
     for (i = 0; i < m->nthreads && m->queues; i++) {
         if (m->queues[i]) {
             aio_run_sync(m->queues[i]->ctx, ifs_queue_stop, m->queues[i]);
@@ -930,6 +936,9 @@ static int ifs_shutdown(IfsMount *m)
             g_free(m->queues[i]);
         }
     }
+    /* The rings are closed: the kernel no longer touches the entries. */
+    ifs_ring_free(m->ring);
+    m->ring = NULL;
     if (m->se) {
         fuse_session_unmount(m->se);
         fuse_session_destroy(m->se);
@@ -989,6 +998,12 @@ int ifs_mount_main(IfsConfig *cfg, const char *mountpoint, bool foreground,
         }
         aio_context_set_poll_max_ns(iothread_get_ctx(m->threads[i]),
                                     cfg->poll_max_ns);
+    }
+    m->ring = ifs_ring_new(m, &err);
+    if (err) {
+        log_error("%s", err->message);
+        g_error_free(err);
+        goto out_shutdown;
     }
     if (!ifs_open_drives(m)) {
         goto out_shutdown;

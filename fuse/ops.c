@@ -37,13 +37,23 @@
 
 /* Per thread: where replies of the request being handled go. */
 static __thread int ifs_reply_fd = -1;
+static __thread IfsRingEnt *ifs_reply_ent;
 static __thread IfsBuf *ifs_current_buf;
 static __thread bool ifs_buf_taken;
 
 void ifs_ops_set_current(int reply_fd, IfsBuf *buf)
 {
     ifs_reply_fd = reply_fd;
+    ifs_reply_ent = NULL;
     ifs_current_buf = buf;
+    ifs_buf_taken = false;
+}
+
+void ifs_ops_set_current_ent(IfsRingEnt *e)
+{
+    ifs_reply_fd = -1;
+    ifs_reply_ent = e;
+    ifs_current_buf = NULL;
     ifs_buf_taken = false;
 }
 
@@ -54,7 +64,12 @@ bool ifs_ops_took_buffer(void)
 
 ssize_t ifs_ops_writev(int fd, struct iovec *iov, int count, void *userdata)
 {
-    (void)userdata;
+    IfsMount *m = userdata;
+
+    if (ifs_reply_ent) {
+        return ifs_ring_reply(ifs_reply_ent, iov, count);
+    }
+    ifs_ring_patch_reply(m->ring, iov, count);
     return writev(ifs_reply_fd >= 0 ? ifs_reply_fd : fd, iov, count);
 }
 
@@ -71,6 +86,7 @@ typedef enum IfsOp {
 typedef struct IfsRequest {
     fuse_req_t req;
     int reply_fd;
+    IfsRingEnt *reply_ent; /* the request came over io_uring */
     IfsMount *mount;
     IfsDrive *drive;
     IfsOp op;
@@ -96,6 +112,7 @@ static IfsRequest *ifs_request_new(fuse_req_t req, IfsDrive *d, IfsOp op)
 
     r->req = req;
     r->reply_fd = ifs_reply_fd;
+    r->reply_ent = ifs_reply_ent;
     r->mount = ifs_mount_of(req);
     r->drive = ifs_drive_ref(d);
     r->op = op;
@@ -120,6 +137,7 @@ static void ifs_request_free(IfsRequest *r)
 static void ifs_reply_to(IfsRequest *r)
 {
     ifs_reply_fd = r->reply_fd;
+    ifs_reply_ent = r->reply_ent;
 }
 
 static void ifs_reply_err(IfsRequest *r, int err)
@@ -309,7 +327,7 @@ static void coroutine_fn ifs_co_read(void *opaque)
     int64_t len = blk_getlength(blk);
     int64_t n = r->length;
     IOVector qiov;
-    void *buf;
+    void *buf, *ring_buf;
     int ret;
 
     if (r->offset >= len) {
@@ -320,7 +338,9 @@ static void coroutine_fn ifs_co_read(void *opaque)
     if (n > len - r->offset) {
         n = len - r->offset;
     }
-    buf = blk_blockalign(blk, n);
+    /* Over io_uring the data goes straight into the reply's buffer. */
+    ring_buf = r->reply_ent ? ifs_ring_payload(r->reply_ent, n) : NULL;
+    buf = ring_buf ? ring_buf : blk_blockalign(blk, n);
     iov_init_buf(&qiov, buf, n);
     ret = blk_co_preadv(blk, r->offset, n, &qiov);
     ifs_reply_to(r);
@@ -329,7 +349,9 @@ static void coroutine_fn ifs_co_read(void *opaque)
     } else {
         fuse_reply_buf(r->req, buf, n);
     }
-    free(buf);
+    if (!ring_buf) {
+        free(buf);
+    }
 out:
     ifs_request_free(r);
 }
@@ -404,7 +426,10 @@ static void ifs_op_write(fuse_req_t req, fuse_ino_t ino, const char *buf,
     r = ifs_request_new(req, d, IFS_OP_WRITE);
     r->offset = off;
     r->length = size;
-    if (size <= IFS_WRITE_COPY_MAX) {
+    if (ifs_reply_ent) {
+        /* The ring entry keeps the data until we reply. */
+        r->data = buf;
+    } else if (size <= IFS_WRITE_COPY_MAX) {
         /* Small: copy, and the queue keeps its receive buffer. */
         if (posix_memalign(&r->copy, 4096, size ? size : 1)) {
             ifs_request_free(r);

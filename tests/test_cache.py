@@ -246,10 +246,12 @@ def test_o_direct_write_is_one_round_trip(imgfs, tmp_path):
     """A program writing with O_DIRECT (a VMM with cache=none) costs one
     FUSE request per write: the daemon answers it with one writev on
     /dev/fuse.  On the kernel's ordinary path every write is preceded by a
-    GETXATTR of security.capability, which doubled the requests."""
+    GETXATTR of security.capability, which doubled the requests.  (The
+    /dev/fuse transport: over io_uring there is no writev to count.)"""
     image = create_image(tmp_path / "disk0.img", SIZE)
     mount = imgfs({"disk0": {"file": image, "format": "raw",
-                             "cache": "none"}})
+                             "cache": "none"}},
+                  settings={"fuse-uring": "off"})
     data = {i * 256 * KiB: os.urandom(4 * KiB) for i in range(32)}
     trace = Strace(mount.pid, ["writev"], tmp_path / "strace.log")
     fd = os.open(mount.drive(), os.O_WRONLY | os.O_DIRECT)
@@ -288,11 +290,11 @@ def test_second_queue_sleeps_at_low_load_and_helps_under_load(imgfs,
     by the drive's own thread: the second FUSE queue stops reading
     /dev/fuse (every request used to wake it, and it took most of them
     and handed them over).  Under a backlog (fio at iodepth 32) it reads
-    again."""
+    again.  (The /dev/fuse transport.)"""
     image = create_image(tmp_path / "disk0.img", SIZE)
     mount = imgfs({"disk0": {"file": image, "format": "raw",
                              "cache": "none", "iothread": "0"}},
-                  settings={"iothreads": "2"})
+                  settings={"iothreads": "2", "fuse-uring": "off"})
     fd = os.open(mount.drive(), os.O_RDONLY | os.O_DIRECT)
     buf = aligned(bytes(4 * KiB))
     try:

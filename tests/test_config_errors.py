@@ -299,7 +299,8 @@ def test_throttle_group_with_different_limits(imgfs_bin, setup):
 
 @pytest.mark.parametrize("key, value", [("cache", "bogus"),
                                         ("werror", "retry"),
-                                        ("throttling.iops-total", "fast")])
+                                        ("throttling.iops-total", "fast"),
+                                        ("fuse-uring", "sometimes")])
 def test_bad_global_drive_default(imgfs_bin, setup, key, value):
     write, mnt = setup
     text = f"[imgfs]\n{key} = {value}\n\n" + DISK0

@@ -65,11 +65,17 @@ def write_and_verify(imgfs, tmp_path, workload, settings=None, **io):
     return written
 
 
+# How requests travel between the kernel and imgfs ([imgfs] fuse-uring)
+TRANSPORTS = {"io_uring": "on", "dev-fuse": "off"}
+
+
+@pytest.mark.parametrize("transport", list(TRANSPORTS))
 @pytest.mark.parametrize("rw", ["randwrite", "write"])
 @pytest.mark.parametrize("ioengine", ["io_uring", "libaio"])
-def test_async_direct_verify(imgfs, tmp_path, ioengine, rw):
+def test_async_direct_verify(imgfs, tmp_path, ioengine, rw, transport):
     workload = dict(name=f"{rw}-{ioengine}", rw=rw, bsrange="4k-256k")
     written = write_and_verify(imgfs, tmp_path, workload,
+                               settings={"fuse-uring": TRANSPORTS[transport]},
                                ioengine=ioengine, direct=1, iodepth=32)
     assert written == JOBS * REGION
 
@@ -84,7 +90,10 @@ def test_iothreads_verify(imgfs, tmp_path, iothreads):
     assert written == JOBS * REGION
 
 
-def test_buffered_unaligned_verify(imgfs, tmp_path):
+@pytest.mark.parametrize("transport", list(TRANSPORTS))
+def test_buffered_unaligned_verify(imgfs, tmp_path, transport):
     workload = dict(name="buffered", rw="randwrite", bsrange="1k-67k",
                     bs_unaligned=1)
-    write_and_verify(imgfs, tmp_path, workload, ioengine="psync", direct=0)
+    write_and_verify(imgfs, tmp_path, workload,
+                     settings={"fuse-uring": TRANSPORTS[transport]},
+                     ioengine="psync", direct=0)

@@ -45,6 +45,8 @@ JOBS = [
     ("1M write QD4", "write", "1M", 4, "MiB/s"),
 ]
 TARGETS = ["plain", "imgfs", "qsd"]
+# with --fuse-uring both: imgfs on the /dev/fuse transport as well
+DEVFUSE = "imgfs-dev"
 
 
 def log(msg):
@@ -129,14 +131,15 @@ class Daemon:
                            capture_output=True)
 
 
-def start_imgfs(binary, image, work):
-    mnt = work / "imgfs-mnt"
+def start_imgfs(binary, image, work, name, fuse_uring):
+    mnt = work / f"{name}-mnt"
     mnt.mkdir()
-    config = work / "imgfs.ini"
-    config.write_text(f"[disk0]\nfile = {image}\nformat = raw\n"
+    config = work / f"{name}.ini"
+    config.write_text(f"[imgfs]\nfuse-uring = {fuse_uring}\n\n"
+                      f"[disk0]\nfile = {image}\nformat = raw\n"
                       "cache = none\n")
     cmd = [str(binary), "mount", "-f", str(config), str(mnt)]
-    return Daemon("imgfs", cmd, mnt / "disk0", mnt, work / "imgfs.log")
+    return Daemon(name, cmd, mnt / "disk0", mnt, work / f"{name}.log")
 
 
 def start_qsd(image, work):
@@ -162,8 +165,10 @@ def ratio(a, b):
 
 
 def print_table(jobs, results, targets, rounds):
-    head = f"{'job':<19}{'unit':<7}" + "".join(f"{t:>10}" for t in targets)
+    head = f"{'job':<19}{'unit':<7}" + "".join(f"{t:>11}" for t in targets)
     head += f"{'imgfs/qsd':>11}{'imgfs/plain':>13}"
+    if DEVFUSE in targets:
+        head += f"{'dev/qsd':>9}"
     print(head)
     print("-" * len(head))
     for label, _, _, _, unit in jobs:
@@ -172,16 +177,18 @@ def print_table(jobs, results, targets, rounds):
             values = [v for v in results[label][t] if v is not None]
             med[t] = statistics.median(values) if values else None
         row = f"{label:<19}{unit:<7}"
-        row += "".join(f"{fmt(med[t], unit):>10}" for t in targets)
+        row += "".join(f"{fmt(med[t], unit):>11}" for t in targets)
         row += f"{ratio(med.get('imgfs'), med.get('qsd')):>11}"
         row += f"{ratio(med.get('imgfs'), med.get('plain')):>13}"
+        if DEVFUSE in targets:
+            row += f"{ratio(med.get(DEVFUSE), med.get('qsd')):>9}"
         print(row)
     if rounds > 1:
         print("\nevery round:")
         for label, _, _, _, unit in jobs:
             for t in targets:
                 values = " ".join(fmt(v, unit) for v in results[label][t])
-                print(f"  {label:<19}{t:<7}{values}")
+                print(f"  {label:<19}{t:<10}{values}")
 
 
 def main():
@@ -201,7 +208,16 @@ def main():
     parser.add_argument("--only", default=None, metavar="TEXT",
                         help="run only the jobs whose label contains TEXT, "
                              "e.g. QD1")
+    parser.add_argument("--fuse-uring", choices=["on", "off", "both"],
+                        default="on",
+                        help="imgfs's transport ([imgfs] fuse-uring; on "
+                             "switches the fuse module's enable_uring on); "
+                             f"both: on as imgfs, off as {DEVFUSE} "
+                             "(default on)")
     args = parser.parse_args()
+    targets = list(TARGETS)
+    if args.fuse_uring == "both":
+        targets.insert(2, DEVFUSE)
     jobs = [j for j in JOBS if args.only is None or args.only in j[0]]
     if not jobs:
         sys.exit(f"bench_raw: no job matches --only {args.only!r}")
@@ -217,22 +233,27 @@ def main():
                                  dir=args.dir or "/var/tmp"))
     daemons, unavailable, paths = [], {}, {"plain": None}
     try:
-        log(f"bench_raw: preparing {len(TARGETS)} images of "
+        log(f"bench_raw: preparing {len(targets)} images of "
             f"{args.size_mib} MiB in {work}")
-        images = {t: work / f"{t}.img" for t in TARGETS}
+        images = {t: work / f"{t}.img" for t in targets}
         for image in images.values():
             make_image(image, size)
         paths["plain"] = images["plain"]
 
-        if not os.access(args.imgfs, os.X_OK):
-            unavailable["imgfs"] = f"{args.imgfs} not found (set IMGFS_BIN)"
-        else:
+        transports = {"imgfs": "off" if args.fuse_uring == "off" else "on"}
+        if DEVFUSE in targets:
+            transports[DEVFUSE] = "off"
+        for name, fuse_uring in transports.items():
+            if not os.access(args.imgfs, os.X_OK):
+                unavailable[name] = f"{args.imgfs} not found (set IMGFS_BIN)"
+                continue
             try:
-                d = start_imgfs(args.imgfs, images["imgfs"], work)
+                d = start_imgfs(args.imgfs, images[name], work, name,
+                                fuse_uring)
                 daemons.append(d)
-                paths["imgfs"] = d.target
+                paths[name] = d.target
             except RuntimeError as e:
-                unavailable["imgfs"] = str(e)
+                unavailable[name] = str(e)
         if shutil.which("qemu-storage-daemon") is None:
             unavailable["qsd"] = "qemu-storage-daemon is not installed"
         else:
@@ -243,8 +264,8 @@ def main():
             except RuntimeError as e:
                 unavailable["qsd"] = str(e)
 
-        running = [t for t in TARGETS if t in paths]
-        results = {label: {t: [] for t in TARGETS} for label, *_ in jobs}
+        running = [t for t in targets if t in paths]
+        results = {label: {t: [] for t in targets} for label, *_ in jobs}
         total = len(jobs) * len(running) * args.rounds * args.runtime
         log(f"bench_raw: {len(jobs)} jobs x {len(running)} targets x "
             f"{args.rounds} rounds x {args.runtime} s = about "
@@ -262,7 +283,7 @@ def main():
                         log(f"  {t}: {label}: {e}")
                         value = None
                     results[label][t].append(value)
-                    log(f"  round {rnd + 1} {label:<19}{t:<6} "
+                    log(f"  round {rnd + 1} {label:<19}{t:<10} "
                         f"{fmt(value, unit)} {unit}")
     finally:
         for d in daemons:
@@ -273,14 +294,18 @@ def main():
           f"direct=1, time based {args.runtime} s per job; page cache "
           f"dropped before each job; median of {args.rounds} round(s)")
     print("plain: the image file itself")
+    transport = ("/dev/fuse" if args.fuse_uring == "off"
+                 else "FUSE over io_uring")
     print("imgfs: cache = none (imgfs opens the image with O_DIRECT), "
-          f"{args.imgfs}")
+          f"{transport}, {args.imgfs}")
+    if DEVFUSE in targets:
+        print(f"{DEVFUSE}: the same with fuse-uring = off (/dev/fuse)")
     print("qsd:   qemu-storage-daemon file node cache.direct=on,aio=native, "
           "raw node, FUSE export")
     for t, why in unavailable.items():
         print(f"{t}: n/a: {why}")
     print()
-    print_table(jobs, results, TARGETS, args.rounds)
+    print_table(jobs, results, targets, args.rounds)
 
 
 if __name__ == "__main__":
