@@ -271,19 +271,32 @@ static void uring_destroy(void *opaque)
 
 AioUring *aio_uring_get(AioContext *ctx, GError **errp)
 {
+    static const unsigned flags[] = {
+        IORING_SETUP_SQE128 | IORING_SETUP_COOP_TASKRUN,
+        IORING_SETUP_SQE128,
+        0,
+    };
     AioUring *u = aio_context_slot(ctx, AIO_SLOT_URING);
+    unsigned i;
     int ret;
 
     if (u) {
         return u;
     }
     u = g_new0(AioUring, 1);
-    /* 128-byte SQEs carry passthrough commands (FUSE over io_uring) */
-    ret = io_uring_queue_init(URING_ENTRIES, &u->ring, IORING_SETUP_SQE128);
-    u->sqe128 = ret == 0;
-    if (ret == -EINVAL) {
-        ret = io_uring_queue_init(URING_ENTRIES, &u->ring, 0);
+    /*
+     * 128-byte SQEs carry passthrough commands (FUSE over io_uring).
+     * COOP_TASKRUN: completions are not announced with an interrupt of a
+     * running thread; ours always enters the kernel soon (io_uring_enter
+     * or epoll), which runs them, and a sleeping one is still woken.
+     */
+    for (i = 0; i < G_N_ELEMENTS(flags); i++) {
+        ret = io_uring_queue_init(URING_ENTRIES, &u->ring, flags[i]);
+        if (ret != -EINVAL) {
+            break;
+        }
     }
+    u->sqe128 = ret == 0 && (flags[i] & IORING_SETUP_SQE128);
     if (ret < 0) {
         g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(-ret),
                     "io_uring is not available: %s", g_strerror(-ret));

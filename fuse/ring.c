@@ -59,6 +59,9 @@
 /* Entries per kernel queue: requests one CPU's callers keep in flight. */
 #define IFS_RING_DEPTH 32
 #define IFS_PAGE 4096
+/* Requests moving this much data are committed from the iothreads in
+ * turn (ifs_ring_reply). */
+#define IFS_RING_SPREAD_MIN (128 * 1024)
 
 struct ifs_uring_ent_in_out {
     uint64_t flags;
@@ -97,6 +100,7 @@ struct IfsRingEnt {
     struct ifs_uring_req_header *hdr;
     char *payload;
     struct iovec iov[2];
+    bool large; /* the request carried much data (a large write) */
 };
 
 typedef struct IfsRingQueue {
@@ -115,8 +119,9 @@ struct IfsRing {
     size_t mem_size;
     IfsRingEnt *ents;
     IfsRingQueue *queues;
-    int stopping; /* atomic */
-    int failed;   /* atomic: a registration was refused */
+    unsigned spread; /* atomic: the next thread to commit a large reply */
+    int stopping;    /* atomic */
+    int failed;      /* atomic: a registration was refused */
 };
 
 /* Highest possible CPU + 1, as the kernel counts its queues. */
@@ -294,9 +299,15 @@ static void ifs_ring_send_bh(void *opaque)
     aio_uring_queue_cmd(aio_uring_current(), &e->cmd);
 }
 
-static void ifs_ring_send(IfsRingEnt *e, uint32_t op, uint64_t commit_id)
+/*
+ * Send @e's command from the ring of iothread @thread, or of the calling
+ * iothread if @thread < 0.
+ */
+static void ifs_ring_send(IfsRingEnt *e, uint32_t op, uint64_t commit_id,
+                          int thread)
 {
     struct ifs_uring_cmd_req req = {.commit_id = commit_id, .qid = e->qid};
+    IfsMount *m = e->ring->mount;
     AioUring *u = aio_uring_current();
 
     memset(e->cmd.data, 0, sizeof(e->cmd.data));
@@ -306,11 +317,13 @@ static void ifs_ring_send(IfsRingEnt *e, uint32_t op, uint64_t commit_id)
     e->cmd.addr = (uintptr_t)e->iov;
     e->cmd.len = 2;
     e->cmd.complete = ifs_ring_ent_done;
-    if (u && aio_uring_has_cmds(u)) {
+    if (thread < 0 && !(u && aio_uring_has_cmds(u))) {
+        thread = 0; /* not an iothread (they all have rings: ifs_ring_new) */
+    }
+    if (thread < 0 || iothread_get_ctx(m->threads[thread]) == aio_current()) {
         aio_uring_queue_cmd(u, &e->cmd);
     } else {
-        /* not an iothread (they all have rings: ifs_ring_new) */
-        aio_bh_schedule_oneshot(iothread_get_ctx(e->ring->mount->threads[0]),
+        aio_bh_schedule_oneshot(iothread_get_ctx(m->threads[thread]),
                                 ifs_ring_send_bh, e);
     }
 }
@@ -323,7 +336,7 @@ static void ifs_ring_register_bh(void *opaque)
 
     for (i = 0; i < IFS_RING_DEPTH; i++) {
         ifs_ring_send(&r->ents[q->qid * IFS_RING_DEPTH + i],
-                      IFS_URING_CMD_REGISTER, 0);
+                      IFS_URING_CMD_REGISTER, 0, -1);
     }
 }
 
@@ -385,7 +398,7 @@ static void ifs_ring_reject(IfsRingEnt *e, uint64_t unique)
 
     memcpy(e->hdr->in_out, &oh, sizeof(oh));
     e->hdr->ent.payload_sz = 0;
-    ifs_ring_send(e, IFS_URING_CMD_COMMIT_AND_FETCH, e->hdr->ent.commit_id);
+    ifs_ring_send(e, IFS_URING_CMD_COMMIT_AND_FETCH, e->hdr->ent.commit_id, -1);
 }
 
 static void ifs_ring_ent_done(AioUringCmd *cmd, int res)
@@ -421,6 +434,7 @@ static void ifs_ring_ent_done(AioUringCmd *cmd, int res)
         ifs_ring_reject(e, in->unique);
         return;
     }
+    e->large = psz >= IFS_RING_SPREAD_MIN;
     oplen = in->len - sizeof(*in) - psz;
     start = e->payload - sizeof(*in) - oplen;
     memcpy(start, in, sizeof(*in));
@@ -438,7 +452,7 @@ ssize_t ifs_ring_reply(IfsRingEnt *e, const struct iovec *iov, int count)
     IfsRing *r = e->ring;
     struct fuse_out_header oh;
     size_t psz = 0;
-    int i;
+    int i, thread = -1;
 
     if (count < 1 || iov[0].iov_len != sizeof(oh)) {
         errno = EINVAL;
@@ -460,7 +474,20 @@ ssize_t ifs_ring_reply(IfsRingEnt *e, const struct iovec *iov, int count)
     oh.len = sizeof(oh) + psz;
     memcpy(e->hdr->in_out, &oh, sizeof(oh));
     e->hdr->ent.payload_sz = psz;
-    ifs_ring_send(e, IFS_URING_CMD_COMMIT_AND_FETCH, e->hdr->ent.commit_id);
+    /*
+     * The kernel copies a reply's data to the caller inside the commit,
+     * in the thread that sends it, and the data of the entry's next
+     * request into the entry in the thread whose ring holds it: the one
+     * that committed.  Large requests take turns over the iothreads, so
+     * their copies run in parallel and the thread doing the drive's I/O
+     * keeps submitting meanwhile.
+     */
+    if ((psz >= IFS_RING_SPREAD_MIN || e->large) && r->mount->nthreads > 1) {
+        thread = __atomic_fetch_add(&r->spread, 1, __ATOMIC_RELAXED) %
+                 r->mount->nthreads;
+    }
+    ifs_ring_send(e, IFS_URING_CMD_COMMIT_AND_FETCH, e->hdr->ent.commit_id,
+                  thread);
     return oh.len;
 }
 
