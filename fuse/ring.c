@@ -59,9 +59,6 @@
 /* Entries per kernel queue: requests one CPU's callers keep in flight. */
 #define IFS_RING_DEPTH 32
 #define IFS_PAGE 4096
-/* Requests moving this much data are committed from the iothreads in
- * turn (ifs_ring_reply). */
-#define IFS_RING_SPREAD_MIN (128 * 1024)
 
 struct ifs_uring_ent_in_out {
     uint64_t flags;
@@ -100,7 +97,6 @@ struct IfsRingEnt {
     struct ifs_uring_req_header *hdr;
     char *payload;
     struct iovec iov[2];
-    bool large; /* the request carried much data (a large write) */
 };
 
 typedef struct IfsRingQueue {
@@ -119,9 +115,10 @@ struct IfsRing {
     size_t mem_size;
     IfsRingEnt *ents;
     IfsRingQueue *queues;
-    unsigned spread; /* atomic: the next thread to commit a large reply */
-    int stopping;    /* atomic */
-    int failed;      /* atomic: a registration was refused */
+    unsigned spread;   /* atomic: the next thread to commit from */
+    unsigned inflight; /* atomic: requests being served */
+    int stopping;      /* atomic */
+    int failed;        /* atomic: a registration was refused */
 };
 
 /* Highest possible CPU + 1, as the kernel counts its queues. */
@@ -434,7 +431,7 @@ static void ifs_ring_ent_done(AioUringCmd *cmd, int res)
         ifs_ring_reject(e, in->unique);
         return;
     }
-    e->large = psz >= IFS_RING_SPREAD_MIN;
+    __atomic_fetch_add(&r->inflight, 1, __ATOMIC_RELAXED);
     oplen = in->len - sizeof(*in) - psz;
     start = e->payload - sizeof(*in) - oplen;
     memcpy(start, in, sizeof(*in));
@@ -453,6 +450,8 @@ ssize_t ifs_ring_reply(IfsRingEnt *e, const struct iovec *iov, int count)
     struct fuse_out_header oh;
     size_t psz = 0;
     int i, thread = -1;
+    /* requests being served, this one included */
+    unsigned busy = __atomic_fetch_sub(&r->inflight, 1, __ATOMIC_RELAXED);
 
     if (count < 1 || iov[0].iov_len != sizeof(oh)) {
         errno = EINVAL;
@@ -475,14 +474,15 @@ ssize_t ifs_ring_reply(IfsRingEnt *e, const struct iovec *iov, int count)
     memcpy(e->hdr->in_out, &oh, sizeof(oh));
     e->hdr->ent.payload_sz = psz;
     /*
-     * The kernel copies a reply's data to the caller inside the commit,
-     * in the thread that sends it, and the data of the entry's next
-     * request into the entry in the thread whose ring holds it: the one
-     * that committed.  Large requests take turns over the iothreads, so
-     * their copies run in parallel and the thread doing the drive's I/O
-     * keeps submitting meanwhile.
+     * A commit is kernel work in the thread that sends it: the reply's
+     * data is copied to the caller, the caller is woken, the entry's next
+     * request is copied in (later, by the thread whose ring then holds
+     * the entry).  With requests backing up, commits take turns over the
+     * iothreads, so that work runs on every CPU while the drive's thread
+     * keeps submitting I/O.  One request at a time stays on the thread
+     * that served it: a hand-over would only add latency.
      */
-    if ((psz >= IFS_RING_SPREAD_MIN || e->large) && r->mount->nthreads > 1) {
+    if (busy > 1 && r->mount->nthreads > 1) {
         thread = __atomic_fetch_add(&r->spread, 1, __ATOMIC_RELAXED) %
                  r->mount->nthreads;
     }
