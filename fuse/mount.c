@@ -10,6 +10,9 @@
  * clones of it (FUSE_DEV_IOC_CLONE), so requests are picked up in
  * parallel.  Drives are spread over the iothreads; a request read on one
  * thread for a drive homed on another is handed over by a bottom half.
+ * With FUSE over io_uring (ring.c) requests arrive as completions in the
+ * iothreads' rings instead, and the /dev/fuse queues carry only what the
+ * kernel still sends there (FUSE_INIT, FORGET, INTERRUPT).
  * The drive table is protected by IfsMount.lock; drives are reference
  * counted so an open file keeps its drive alive.
  */
