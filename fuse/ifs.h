@@ -19,6 +19,15 @@
 
 #define IFS_VERSION "0.1.0"
 
+/*
+ * The largest read or write request the kernel sends.  The kernel splits
+ * bigger transfers; the pieces of a 1 MiB read or write travel in
+ * parallel, so the copies FUSE makes of them overlap each other and the
+ * disk: 1 MiB sequential transfers at queue depth 4 ran 10-20% (reads)
+ * and up to 50% (writes) faster than with 1 MiB requests here.
+ */
+#define IFS_MAX_REQUEST (512 * 1024)
+
 /* Extended attribute of the mount's root naming its control socket. */
 #define IFS_CONTROL_XATTR "user.imgfs.control"
 

@@ -48,7 +48,7 @@
  */
 #define IFS_WRITE_HEADERS 80
 #define IFS_BUF_PAD (4096 - IFS_WRITE_HEADERS)
-#define IFS_MAX_WRITE (1 * MiB)
+#define IFS_MAX_WRITE IFS_MAX_REQUEST
 #define IFS_BUF_SIZE (4096 + IFS_MAX_WRITE + 4096)
 /* Receive buffers kept for reuse (mmap/munmap of 1 MiB per request
  * costs page faults and TLB shootdowns across threads). */

@@ -193,8 +193,8 @@ static void ifs_drive_touch(IfsDrive *d)
 static void ifs_op_init(void *userdata, struct fuse_conn_info *conn)
 {
     (void)userdata;
-    /* Big requests: 1 MiB reads and writes, 1 MiB readahead. */
-    conn->max_write = 1 * MiB;
+    /* Big requests (IFS_MAX_REQUEST), 1 MiB readahead. */
+    conn->max_write = IFS_MAX_REQUEST;
     conn->max_read = 0;
     conn->max_readahead = 1 * MiB;
     /* The kernel's default of 12 background requests would cap async

@@ -105,7 +105,8 @@ def test_auto_follows_the_module_parameter(imgfs, tmp_path, uring_param):
 
 
 def test_large_requests_over_io_uring(imgfs, tmp_path, uring_param):
-    """1 MiB O_DIRECT requests fill a whole ring entry both ways."""
+    """1 MiB O_DIRECT transfers: the kernel sends them as requests that
+    fill whole ring entries both ways."""
     image = create_image(tmp_path / "disk0.img", SIZE)
     mount = imgfs({"disk0": {"file": image, "format": "raw",
                              "cache": "none"}},
