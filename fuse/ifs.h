@@ -172,8 +172,6 @@ void ifs_ring_note_request(IfsRing *r, const void *buf, size_t len);
 void ifs_ring_patch_reply(IfsRing *r, struct iovec *iov, int count);
 /* After FUSE_INIT was answered: hand the kernel its ring entries. */
 void ifs_ring_start(IfsRing *r);
-/* Are requests served over io_uring? */
-bool ifs_ring_active(IfsRing *r);
 /* Serve no new requests (shutdown). */
 void ifs_ring_stop(IfsRing *r);
 /* After the iothreads (and their rings) are gone. */

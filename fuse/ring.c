@@ -118,7 +118,7 @@ struct IfsRing {
     unsigned spread;   /* atomic: the next thread to commit from */
     unsigned inflight; /* atomic: requests being served */
     int stopping;      /* atomic */
-    int failed;        /* atomic: a registration was refused */
+    int failed;        /* atomic: a command failed (warned once) */
 };
 
 /* Highest possible CPU + 1, as the kernel counts its queues. */
@@ -494,11 +494,6 @@ ssize_t ifs_ring_reply(IfsRingEnt *e, const struct iovec *iov, int count)
 void *ifs_ring_payload(IfsRingEnt *e, size_t size)
 {
     return size <= e->ring->payload_size ? e->payload : NULL;
-}
-
-bool ifs_ring_active(IfsRing *r)
-{
-    return r && r->started && !__atomic_load_n(&r->failed, __ATOMIC_SEQ_CST);
 }
 
 void ifs_ring_stop(IfsRing *r)

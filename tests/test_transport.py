@@ -36,12 +36,9 @@ def uring_param():
     set_fuse_uring_param(before)
 
 
-def write_read_through(mount, tmp_path, nrequests):
-    """NREQUESTS 4k O_DIRECT writes then reads of the same blocks under
-    strace; returns (data by offset, the daemon's traced calls)."""
-    data = {i * 97 * 4 * KiB: os.urandom(4 * KiB) for i in range(nrequests)}
-    trace = Strace(mount.pid, ["read", "readv", "write", "writev"],
-                   tmp_path / "strace.log")
+def write_read_back(mount, data):
+    """O_DIRECT writes of DATA (chunks by offset), then reads checking
+    them."""
     fd = os.open(mount.drive(), os.O_RDWR | os.O_DIRECT)
     try:
         for offset, chunk in data.items():
@@ -52,6 +49,15 @@ def write_read_through(mount, tmp_path, nrequests):
             assert bytes(buf) == chunk, f"read back at {offset}"
     finally:
         os.close(fd)
+
+
+def write_read_through(mount, tmp_path, nrequests):
+    """NREQUESTS 4k O_DIRECT writes then reads of the same blocks under
+    strace; returns (data by offset, the daemon's traced calls)."""
+    data = {i * 97 * 4 * KiB: os.urandom(4 * KiB) for i in range(nrequests)}
+    trace = Strace(mount.pid, ["read", "readv", "write", "writev"],
+                   tmp_path / "strace.log")
+    write_read_back(mount, data)
     return data, trace.stop()
 
 
@@ -112,16 +118,7 @@ def test_large_requests_over_io_uring(imgfs, tmp_path, uring_param):
                              "cache": "none"}},
                   settings={"fuse-uring": "on"})
     data = {i * MiB: os.urandom(MiB) for i in range(0, 32, 3)}
-    fd = os.open(mount.drive(), os.O_RDWR | os.O_DIRECT)
-    try:
-        for offset, chunk in data.items():
-            assert os.pwrite(fd, aligned(chunk), offset) == len(chunk)
-        for offset, chunk in data.items():
-            buf = aligned(bytes(len(chunk)))
-            assert os.preadv(fd, [buf], offset) == len(chunk)
-            assert bytes(buf) == chunk, f"read back at {offset}"
-    finally:
-        os.close(fd)
+    write_read_back(mount, data)
     assert mount.unmount() == 0
     for offset, chunk in data.items():
         assert read_at(image, offset, len(chunk)) == chunk
