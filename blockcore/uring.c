@@ -9,6 +9,7 @@
 
 #include <errno.h>
 #include <liburing.h>
+#include <stddef.h>
 #include <string.h>
 
 #include "coroutine.h"
@@ -31,23 +32,20 @@ struct UringOp {
     bool done;
     int ret;
     Coroutine *co;
-    UringOp *next;
+    AioUringLink link;
 };
+
+#define OP_OF(l) ((UringOp *)((char *)(l)-offsetof(UringOp, link)))
+#define CMD_OF(l) ((AioUringCmd *)((char *)(l)-offsetof(AioUringCmd, link)))
 
 struct AioUring {
     AioContext *ctx;
     struct io_uring ring;
-    bool sqe128; /* room for passthrough commands */
     AioBH *submit_bh;
     unsigned queued; /* prepared but not yet submitted */
-    UringOp *wait_head;
-    UringOp *wait_tail;
-    AioUringCmd *cmd_wait_head;
-    AioUringCmd *cmd_wait_tail;
+    AioUringLink *wait_head;
+    AioUringLink *wait_tail;
 };
-
-/* The user_data of a command's SQE has this bit set; a UringOp's not. */
-#define URING_CMD_TAG ((uintptr_t)1)
 
 static void uring_prep_cmd(struct io_uring_sqe *sqe, AioUringCmd *c)
 {
@@ -58,7 +56,6 @@ static void uring_prep_cmd(struct io_uring_sqe *sqe, AioUringCmd *c)
     sqe->addr = c->addr;
     sqe->len = c->len;
     memcpy(sqe->cmd, c->data, AIO_URING_CMD_DATA);
-    io_uring_sqe_set_data(sqe, (void *)((uintptr_t)c | URING_CMD_TAG));
 }
 
 static void uring_prep(struct io_uring_sqe *sqe, UringOp *op)
@@ -78,27 +75,42 @@ static void uring_prep(struct io_uring_sqe *sqe, UringOp *op)
         io_uring_prep_fallocate(sqe, op->fd, op->mode, op->offset, op->len);
         break;
     }
-    io_uring_sqe_set_data(sqe, op);
 }
 
-/* Queue @op in the ring, or on the wait list if the ring is full. */
-static void uring_queue(AioUring *u, UringOp *op)
+static void uring_prep_link(struct io_uring_sqe *sqe, AioUringLink *l)
+{
+    if (l->cmd) {
+        uring_prep_cmd(sqe, CMD_OF(l));
+    } else {
+        uring_prep(sqe, OP_OF(l));
+    }
+    io_uring_sqe_set_data(sqe, l);
+}
+
+/* Queue @l in the ring, or on the wait list if the ring is full. */
+static void uring_queue_link(AioUring *u, AioUringLink *l)
 {
     struct io_uring_sqe *sqe = u->wait_head ? NULL : io_uring_get_sqe(&u->ring);
 
     if (sqe) {
-        uring_prep(sqe, op);
+        uring_prep_link(sqe, l);
         u->queued++;
     } else {
-        op->next = NULL;
+        l->next = NULL;
         if (u->wait_tail) {
-            u->wait_tail->next = op;
+            u->wait_tail->next = l;
         } else {
-            u->wait_head = op;
+            u->wait_head = l;
         }
-        u->wait_tail = op;
+        u->wait_tail = l;
     }
     aio_bh_schedule(u->submit_bh);
+}
+
+static void uring_queue(AioUring *u, UringOp *op)
+{
+    op->link.cmd = false;
+    uring_queue_link(u, &op->link);
 }
 
 static void uring_submit(AioUring *u)
@@ -107,30 +119,16 @@ static void uring_submit(AioUring *u)
 
     while (u->wait_head) {
         struct io_uring_sqe *sqe = io_uring_get_sqe(&u->ring);
-        UringOp *op = u->wait_head;
+        AioUringLink *l = u->wait_head;
 
         if (!sqe) {
             break;
         }
-        u->wait_head = op->next;
+        u->wait_head = l->next;
         if (!u->wait_head) {
             u->wait_tail = NULL;
         }
-        uring_prep(sqe, op);
-        u->queued++;
-    }
-    while (u->cmd_wait_head) {
-        struct io_uring_sqe *sqe = io_uring_get_sqe(&u->ring);
-        AioUringCmd *c = u->cmd_wait_head;
-
-        if (!sqe) {
-            break;
-        }
-        u->cmd_wait_head = c->next;
-        if (!u->cmd_wait_head) {
-            u->cmd_wait_tail = NULL;
-        }
-        uring_prep_cmd(sqe, c);
+        uring_prep_link(sqe, l);
         u->queued++;
     }
     if (!u->queued) {
@@ -215,47 +213,37 @@ static bool uring_op_complete(AioUring *u, UringOp *op, int res)
 static void uring_completion(void *opaque)
 {
     AioUring *u = opaque;
-    UringOp *done = NULL, **tail = &done;
-    AioUringCmd *cmds = NULL, **cmd_tail = &cmds;
+    AioUringLink *done = NULL, **tail = &done;
     struct io_uring_cqe *cqe;
     unsigned head, n = 0;
 
     io_uring_for_each_cqe(&u->ring, head, cqe)
     {
-        uintptr_t data = (uintptr_t)io_uring_cqe_get_data(cqe);
-        UringOp *op = (UringOp *)data;
+        AioUringLink *l = io_uring_cqe_get_data(cqe);
 
         n++;
-        if (data & URING_CMD_TAG) {
-            AioUringCmd *c = (AioUringCmd *)(data & ~URING_CMD_TAG);
-
-            c->res = cqe->res;
-            c->next = NULL;
-            *cmd_tail = c;
-            cmd_tail = &c->next;
-            continue;
+        if (l->cmd) {
+            CMD_OF(l)->res = cqe->res;
+        } else if (!uring_op_complete(u, OP_OF(l), cqe->res)) {
+            continue; /* queued again to finish */
         }
-        if (uring_op_complete(u, op, cqe->res)) {
-            op->next = NULL;
-            *tail = op;
-            tail = &op->next;
-        }
+        l->next = NULL;
+        *tail = l;
+        tail = &l->next;
     }
     io_uring_cq_advance(&u->ring, n);
 
     /* Resume the coroutines after the ring is consistent again. */
     while (done) {
-        UringOp *op = done;
+        AioUringLink *l = done;
 
-        done = op->next;
-        op->done = true;
-        co_enter(op->co);
-    }
-    while (cmds) {
-        AioUringCmd *c = cmds;
-
-        cmds = c->next;
-        c->complete(c, c->res);
+        done = l->next;
+        if (l->cmd) {
+            CMD_OF(l)->complete(CMD_OF(l), CMD_OF(l)->res);
+        } else {
+            OP_OF(l)->done = true;
+            co_enter(OP_OF(l)->co);
+        }
     }
 }
 
@@ -296,7 +284,6 @@ AioUring *aio_uring_get(AioContext *ctx, GError **errp)
             break;
         }
     }
-    u->sqe128 = ret == 0 && (flags[i] & IORING_SETUP_SQE128);
     if (ret < 0) {
         g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(-ret),
                     "io_uring is not available: %s", g_strerror(-ret));
@@ -312,27 +299,13 @@ AioUring *aio_uring_get(AioContext *ctx, GError **errp)
 
 bool aio_uring_has_cmds(AioUring *u)
 {
-    return u->sqe128;
+    return u->ring.flags & IORING_SETUP_SQE128;
 }
 
 void aio_uring_queue_cmd(AioUring *u, AioUringCmd *c)
 {
-    struct io_uring_sqe *sqe =
-        u->cmd_wait_head ? NULL : io_uring_get_sqe(&u->ring);
-
-    if (sqe) {
-        uring_prep_cmd(sqe, c);
-        u->queued++;
-    } else {
-        c->next = NULL;
-        if (u->cmd_wait_tail) {
-            u->cmd_wait_tail->next = c;
-        } else {
-            u->cmd_wait_head = c;
-        }
-        u->cmd_wait_tail = c;
-    }
-    aio_bh_schedule(u->submit_bh);
+    c->link.cmd = true;
+    uring_queue_link(u, &c->link);
 }
 
 AioUring *aio_uring_current(void)

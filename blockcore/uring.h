@@ -48,6 +48,12 @@ int coroutine_fn aio_uring_co_fallocate(AioUring *u, int fd, int mode,
 
 typedef struct AioUringCmd AioUringCmd;
 
+/* Private to uring.c: what a ring's SQE points at, in a list. */
+typedef struct AioUringLink {
+    struct AioUringLink *next; /* waiting for room, or completed */
+    bool cmd;                  /* an AioUringCmd, else a file operation */
+} AioUringLink;
+
 struct AioUringCmd {
     int fd;
     uint32_t cmd_op;
@@ -56,7 +62,7 @@ struct AioUringCmd {
     uint8_t data[AIO_URING_CMD_DATA];
     void (*complete)(AioUringCmd *cmd, int res);
     /* private */
-    AioUringCmd *next; /* waiting for room, or completed */
+    AioUringLink link;
     int res;
 };
 

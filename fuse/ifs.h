@@ -168,9 +168,10 @@ void ifs_buf_free(IfsBuf *b);
 IfsRing *ifs_ring_new(IfsMount *m, GError **errp);
 /* Every request read from /dev/fuse passes here (FUSE_INIT matters). */
 void ifs_ring_note_request(IfsRing *r, const void *buf, size_t len);
-/* Every reply written to /dev/fuse passes here (FUSE_INIT's matters). */
-void ifs_ring_patch_reply(IfsRing *r, struct iovec *iov, int count);
-/* After FUSE_INIT was answered: hand the kernel its ring entries. */
+/* Every reply written to /dev/fuse passes here: true if it is the
+ * FUSE_INIT reply, now accepting io_uring. */
+bool ifs_ring_patch_reply(IfsRing *r, struct iovec *iov, int count);
+/* Once that reply is written: hand the kernel its ring entries. */
 void ifs_ring_start(IfsRing *r);
 /* Serve no new requests (shutdown). */
 void ifs_ring_stop(IfsRing *r);

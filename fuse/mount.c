@@ -48,10 +48,9 @@
  */
 #define IFS_WRITE_HEADERS 80
 #define IFS_BUF_PAD (4096 - IFS_WRITE_HEADERS)
-#define IFS_MAX_WRITE IFS_MAX_REQUEST
-#define IFS_BUF_SIZE (4096 + IFS_MAX_WRITE + 4096)
-/* Receive buffers kept for reuse (mmap/munmap of 1 MiB per request
- * costs page faults and TLB shootdowns across threads). */
+#define IFS_BUF_SIZE (4096 + IFS_MAX_REQUEST + 4096)
+/* Receive buffers kept for reuse (mmap/munmap of a large buffer per
+ * request costs page faults and TLB shootdowns across threads). */
 #define IFS_BUF_POOL 64
 /* Requests read per wake-up before other work gets a turn. */
 #define IFS_QUEUE_BATCH 32
@@ -375,7 +374,6 @@ static void ifs_queue_readable(void *opaque)
             q->spare = NULL;
         }
         ifs_ops_set_current(-1, NULL);
-        ifs_ring_start(q->mount->ring);
     }
     ifs_queue_account(q, got);
 }

@@ -65,12 +65,18 @@ bool ifs_ops_took_buffer(void)
 ssize_t ifs_ops_writev(int fd, struct iovec *iov, int count, void *userdata)
 {
     IfsMount *m = userdata;
+    bool uring_init;
+    ssize_t ret;
 
     if (ifs_reply_ent) {
         return ifs_ring_reply(ifs_reply_ent, iov, count);
     }
-    ifs_ring_patch_reply(m->ring, iov, count);
-    return writev(ifs_reply_fd >= 0 ? ifs_reply_fd : fd, iov, count);
+    uring_init = ifs_ring_patch_reply(m->ring, iov, count);
+    ret = writev(ifs_reply_fd >= 0 ? ifs_reply_fd : fd, iov, count);
+    if (uring_init && ret >= 0) {
+        ifs_ring_start(m->ring);
+    }
+    return ret;
 }
 
 typedef enum IfsOp {

@@ -99,22 +99,14 @@ struct IfsRingEnt {
     struct iovec iov[2];
 };
 
-typedef struct IfsRingQueue {
-    IfsRing *ring;
-    uint16_t qid;
-} IfsRingQueue;
-
 struct IfsRing {
     IfsMount *mount;
     unsigned nqueues;     /* the kernel's: possible CPUs */
     uint64_t init_unique; /* FUSE_INIT that offered io_uring, 0: none */
-    bool negotiated;      /* our FUSE_INIT reply accepted the offer */
-    bool started;
     size_t payload_size;
     char *mem;
     size_t mem_size;
-    IfsRingEnt *ents;
-    IfsRingQueue *queues;
+    IfsRingEnt *ents;  /* IFS_RING_DEPTH per kernel queue, in qid order */
     unsigned spread;   /* atomic: the next thread to commit from */
     unsigned inflight; /* atomic: requests being served */
     int stopping;      /* atomic */
@@ -259,22 +251,22 @@ void ifs_ring_note_request(IfsRing *r, const void *buf, size_t len)
     }
 }
 
-void ifs_ring_patch_reply(IfsRing *r, struct iovec *iov, int count)
+bool ifs_ring_patch_reply(IfsRing *r, struct iovec *iov, int count)
 {
     struct fuse_out_header *oh;
     struct fuse_init_out *out;
     size_t max_pages, size;
 
     if (!r || !r->init_unique || count < 2 || iov[0].iov_len < sizeof(*oh)) {
-        return;
+        return false;
     }
     oh = iov[0].iov_base;
     if (oh->unique != r->init_unique) {
-        return;
+        return false;
     }
     r->init_unique = 0;
     if (oh->error || iov[1].iov_len < offsetof(struct fuse_init_out, unused)) {
-        return;
+        return false;
     }
     out = iov[1].iov_base;
     out->flags |= IFS_FUSE_INIT_EXT;
@@ -284,7 +276,7 @@ void ifs_ring_patch_reply(IfsRing *r, struct iovec *iov, int count)
                                                   : IFS_FUSE_DEFAULT_MAX_PAGES;
     size = MAX(8192, MAX((size_t)out->max_write, max_pages * IFS_PAGE));
     r->payload_size = (size + IFS_PAGE - 1) / IFS_PAGE * IFS_PAGE;
-    r->negotiated = true;
+    return true;
 }
 
 static void ifs_ring_ent_done(AioUringCmd *cmd, int res);
@@ -309,11 +301,7 @@ static void ifs_ring_send(IfsRingEnt *e, uint32_t op, uint64_t commit_id,
 
     memset(e->cmd.data, 0, sizeof(e->cmd.data));
     memcpy(e->cmd.data, &req, sizeof(req));
-    e->cmd.fd = fuse_session_fd(e->ring->mount->se);
     e->cmd.cmd_op = op;
-    e->cmd.addr = (uintptr_t)e->iov;
-    e->cmd.len = 2;
-    e->cmd.complete = ifs_ring_ent_done;
     if (thread < 0 && !(u && aio_uring_has_cmds(u))) {
         thread = 0; /* not an iothread (they all have rings: ifs_ring_new) */
     }
@@ -325,29 +313,23 @@ static void ifs_ring_send(IfsRingEnt *e, uint32_t op, uint64_t commit_id,
     }
 }
 
+/* Register the entries of one kernel queue, @opaque its first. */
 static void ifs_ring_register_bh(void *opaque)
 {
-    IfsRingQueue *q = opaque;
-    IfsRing *r = q->ring;
+    IfsRingEnt *first = opaque;
     unsigned i;
 
     for (i = 0; i < IFS_RING_DEPTH; i++) {
-        ifs_ring_send(&r->ents[q->qid * IFS_RING_DEPTH + i],
-                      IFS_URING_CMD_REGISTER, 0, -1);
+        ifs_ring_send(first + i, IFS_URING_CMD_REGISTER, 0, -1);
     }
 }
 
 void ifs_ring_start(IfsRing *r)
 {
-    IfsMount *m;
+    IfsMount *m = r->mount;
     size_t slot;
     unsigned i, n;
 
-    if (!r || !r->negotiated || r->started) {
-        return;
-    }
-    r->started = true;
-    m = r->mount;
     n = r->nqueues * IFS_RING_DEPTH;
     slot = IFS_PAGE + r->payload_size;
     r->mem_size = slot * n;
@@ -364,7 +346,6 @@ void ifs_ring_start(IfsRing *r)
         exit(1);
     }
     r->ents = g_new0(IfsRingEnt, n);
-    r->queues = g_new0(IfsRingQueue, r->nqueues);
     for (i = 0; i < n; i++) {
         IfsRingEnt *e = &r->ents[i];
 
@@ -376,14 +357,17 @@ void ifs_ring_start(IfsRing *r)
         e->iov[0].iov_len = sizeof(*e->hdr);
         e->iov[1].iov_base = e->payload;
         e->iov[1].iov_len = r->payload_size;
+        e->cmd.fd = fuse_session_fd(m->se);
+        e->cmd.addr = (uintptr_t)e->iov;
+        e->cmd.len = 2;
+        e->cmd.complete = ifs_ring_ent_done;
     }
     log_info("FUSE over io_uring: %u queues of %d requests, %zu KiB each",
              r->nqueues, IFS_RING_DEPTH, r->payload_size >> 10);
     for (i = 0; i < r->nqueues; i++) {
-        r->queues[i].ring = r;
-        r->queues[i].qid = i;
         aio_bh_schedule_oneshot(iothread_get_ctx(m->threads[i % m->nthreads]),
-                                ifs_ring_register_bh, &r->queues[i]);
+                                ifs_ring_register_bh,
+                                &r->ents[i * IFS_RING_DEPTH]);
     }
 }
 
@@ -512,6 +496,5 @@ void ifs_ring_free(IfsRing *r)
         munmap(r->mem, r->mem_size);
     }
     g_free(r->ents);
-    g_free(r->queues);
     g_free(r);
 }
