@@ -59,6 +59,7 @@
 /* Entries per kernel queue: requests one CPU's callers keep in flight. */
 #define IFS_RING_DEPTH 32
 #define IFS_PAGE 4096
+#define IFS_HUGE_PAGE (2 * 1024 * 1024) /* x86-64 and arm64 with 4 KiB pages */
 
 struct ifs_uring_ent_in_out {
     uint64_t flags;
@@ -275,7 +276,7 @@ bool ifs_ring_patch_reply(IfsRing *r, struct iovec *iov, int count)
     max_pages = (out->flags & IFS_FUSE_MAX_PAGES) ? out->max_pages
                                                   : IFS_FUSE_DEFAULT_MAX_PAGES;
     size = MAX(8192, MAX((size_t)out->max_write, max_pages * IFS_PAGE));
-    r->payload_size = (size + IFS_PAGE - 1) / IFS_PAGE * IFS_PAGE;
+    r->payload_size = ALIGN_UP(size, IFS_PAGE);
     return true;
 }
 
@@ -324,6 +325,36 @@ static void ifs_ring_register_bh(void *opaque)
     }
 }
 
+/*
+ * The request buffers, on huge page boundaries and asking for transparent
+ * huge pages.  A payload in 4 KiB pages reaches the disk as up to 128
+ * physical segments per 512 KiB; a virtio disk without indirect
+ * descriptors (Firecracker's has 256 ring slots) then fits one such
+ * request at a time, and a 1 MiB read through imgfs ran at 0.7 of the
+ * image file's speed.  In huge pages it is one segment.  The price: the
+ * whole map (32 x 516 KiB per CPU queue) becomes resident once used, even
+ * by 4k requests, where 4 KiB pages would leave most of it untouched.
+ * Memory without huge pages to spare just gets small pages.
+ */
+static char *ifs_ring_map(size_t size)
+{
+    size_t len = size + IFS_HUGE_PAGE;
+    char *p = mmap(NULL, len, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    char *start;
+
+    if (p == MAP_FAILED) {
+        return NULL;
+    }
+    start = (char *)ALIGN_UP((uintptr_t)p, IFS_HUGE_PAGE);
+    if (start > p) {
+        munmap(p, start - p);
+    }
+    munmap(start + size, p + len - (start + size));
+    madvise(start, size, MADV_HUGEPAGE); /* advice: may be unsupported */
+    return start;
+}
+
 void ifs_ring_start(IfsRing *r)
 {
     IfsMount *m = r->mount;
@@ -332,17 +363,14 @@ void ifs_ring_start(IfsRing *r)
 
     n = r->nqueues * IFS_RING_DEPTH;
     slot = IFS_PAGE + r->payload_size;
-    r->mem_size = slot * n;
-    /* Untouched payload pages cost no memory: 4k requests use one page. */
-    r->mem = mmap(NULL, r->mem_size, PROT_READ | PROT_WRITE,
-                  MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (r->mem == MAP_FAILED) {
+    r->mem_size = ALIGN_UP(slot * n, IFS_HUGE_PAGE);
+    r->mem = ifs_ring_map(r->mem_size);
+    if (!r->mem) {
         /* The kernel waits for the entries it was promised: a daemon
          * that cannot serve them cannot serve at all. */
         log_error("FUSE over io_uring: cannot map %zu MiB of request "
                   "buffers: %s",
                   r->mem_size >> 20, strerror(errno));
-        r->mem = NULL;
         exit(1);
     }
     r->ents = g_new0(IfsRingEnt, n);
