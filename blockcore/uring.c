@@ -8,6 +8,7 @@
 #include "uring.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <liburing.h>
 #include <stddef.h>
 #include <string.h>
@@ -18,6 +19,10 @@
 #define URING_ENTRIES 256
 
 typedef struct UringOp UringOp;
+
+typedef struct AioUringList {
+    AioUringLink *head, *tail;
+} AioUringList;
 
 struct UringOp {
     int opcode;
@@ -43,9 +48,33 @@ struct AioUring {
     struct io_uring ring;
     AioBH *submit_bh;
     unsigned queued; /* prepared but not yet submitted */
-    AioUringLink *wait_head;
-    AioUringLink *wait_tail;
+    AioUringList wait;  /* found the submission queue full */
+    AioUringList heavy; /* heavy commands, one per io_uring_enter */
 };
+
+static void list_push(AioUringList *list, AioUringLink *l)
+{
+    l->next = NULL;
+    if (list->tail) {
+        list->tail->next = l;
+    } else {
+        list->head = l;
+    }
+    list->tail = l;
+}
+
+static AioUringLink *list_pop(AioUringList *list)
+{
+    AioUringLink *l = list->head;
+
+    if (l) {
+        list->head = l->next;
+        if (!list->head) {
+            list->tail = NULL;
+        }
+    }
+    return l;
+}
 
 static void uring_prep_cmd(struct io_uring_sqe *sqe, AioUringCmd *c)
 {
@@ -90,19 +119,15 @@ static void uring_prep_link(struct io_uring_sqe *sqe, AioUringLink *l)
 /* Queue @l in the ring, or on the wait list if the ring is full. */
 static void uring_queue_link(AioUring *u, AioUringLink *l)
 {
-    struct io_uring_sqe *sqe = u->wait_head ? NULL : io_uring_get_sqe(&u->ring);
+    struct io_uring_sqe *sqe = NULL;
 
-    if (sqe) {
+    if (l->cmd && CMD_OF(l)->heavy) {
+        list_push(&u->heavy, l);
+    } else if (!u->wait.head && (sqe = io_uring_get_sqe(&u->ring))) {
         uring_prep_link(sqe, l);
         u->queued++;
     } else {
-        l->next = NULL;
-        if (u->wait_tail) {
-            u->wait_tail->next = l;
-        } else {
-            u->wait_head = l;
-        }
-        u->wait_tail = l;
+        list_push(&u->wait, l);
     }
     aio_bh_schedule(u->submit_bh);
 }
@@ -113,34 +138,46 @@ static void uring_queue(AioUring *u, UringOp *op)
     uring_queue_link(u, &op->link);
 }
 
-static void uring_submit(AioUring *u)
+/* Move @list's links into the submission queue, at most @max of them. */
+static void uring_fill(AioUring *u, AioUringList *list, unsigned max)
 {
-    int ret;
-
-    while (u->wait_head) {
+    while (list->head && max > 0) {
         struct io_uring_sqe *sqe = io_uring_get_sqe(&u->ring);
-        AioUringLink *l = u->wait_head;
 
         if (!sqe) {
             break;
         }
-        u->wait_head = l->next;
-        if (!u->wait_head) {
-            u->wait_tail = NULL;
-        }
-        uring_prep_link(sqe, l);
+        uring_prep_link(sqe, list_pop(list));
         u->queued++;
+        max--;
     }
-    if (!u->queued) {
-        return;
+}
+
+static void uring_submit(AioUring *u)
+{
+    int ret;
+
+    uring_fill(u, &u->wait, UINT_MAX);
+    /*
+     * One heavy command, last: the kernel runs the submission queue in
+     * order, so the file operations reach the disk before the copy, and
+     * the next heavy command waits for the next loop iteration, which
+     * takes new requests first and lets other tasks (the callers being
+     * woken) have this CPU in between.
+     */
+    uring_fill(u, &u->heavy, 1);
+    if (u->queued) {
+        ret = io_uring_submit(&u->ring);
+        if (ret >= 0) {
+            u->queued -= ret < (int)u->queued ? ret : (int)u->queued;
+        } else if (ret != -EAGAIN && ret != -EBUSY && ret != -EINTR) {
+            log_error("io_uring submit: %s", strerror(-ret));
+        }
     }
-    ret = io_uring_submit(&u->ring);
-    if (ret >= 0) {
-        u->queued -= ret < (int)u->queued ? ret : (int)u->queued;
-    } else if (ret != -EAGAIN && ret != -EBUSY && ret != -EINTR) {
-        log_error("io_uring submit: %s", strerror(-ret));
+    if (u->heavy.head) {
+        aio_bh_schedule(u->submit_bh);
     }
-    /* Anything left goes out with the next completion or iteration. */
+    /* Anything else left goes out with the next completion or iteration. */
 }
 
 static void uring_submit_bh(void *opaque)

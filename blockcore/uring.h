@@ -60,6 +60,13 @@ struct AioUringCmd {
     uint64_t addr;
     uint32_t len;
     uint8_t data[AIO_URING_CMD_DATA];
+    /*
+     * Heavy: the kernel does a lot of work in io_uring_enter for it (a
+     * large copy).  It goes in an io_uring_enter of its own, after the
+     * file operations ready with it, and the thread looks for new work
+     * between two heavy commands.
+     */
+    bool heavy;
     void (*complete)(AioUringCmd *cmd, int res);
     /* private */
     AioUringLink link;
@@ -69,8 +76,8 @@ struct AioUringCmd {
 /* Can this ring carry AioUringCmds (it has 128-byte SQEs)? */
 bool aio_uring_has_cmds(AioUring *u);
 
-/* Queue @cmd; it goes to the kernel with this loop iteration's batch.
- * Owner thread only. */
+/* Queue @cmd; it goes to the kernel with this loop iteration's batch
+ * (a heavy one perhaps with a later one).  Owner thread only. */
 void aio_uring_queue_cmd(AioUring *u, AioUringCmd *cmd);
 
 /* The ring of the calling thread's event loop, if it has one. */

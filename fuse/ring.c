@@ -59,6 +59,8 @@
 /* Entries per kernel queue: requests one CPU's callers keep in flight. */
 #define IFS_RING_DEPTH 32
 #define IFS_PAGE 4096
+/* a commit that copies this much is heavy work (AioUringCmd.heavy) */
+#define IFS_RING_HEAVY (64 * 1024)
 #define IFS_HUGE_PAGE (2 * 1024 * 1024) /* x86-64 and arm64 with 4 KiB pages */
 
 struct ifs_uring_ent_in_out {
@@ -407,6 +409,7 @@ static void ifs_ring_reject(IfsRingEnt *e, uint64_t unique)
 
     memcpy(e->hdr->in_out, &oh, sizeof(oh));
     e->hdr->ent.payload_sz = 0;
+    e->cmd.heavy = false;
     ifs_ring_send(e, IFS_URING_CMD_COMMIT_AND_FETCH, e->hdr->ent.commit_id, -1);
 }
 
@@ -494,6 +497,7 @@ ssize_t ifs_ring_reply(IfsRingEnt *e, const struct iovec *iov, int count)
      * keeps submitting I/O.  One request at a time stays on the thread
      * that served it: a hand-over would only add latency.
      */
+    e->cmd.heavy = psz >= IFS_RING_HEAVY;
     if (busy > 1 && r->mount->nthreads > 1) {
         thread = __atomic_fetch_add(&r->spread, 1, __ATOMIC_RELAXED) %
                  r->mount->nthreads;
