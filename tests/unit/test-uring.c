@@ -1,0 +1,194 @@
+/*
+ * Unit tests for an event loop's io_uring (blockcore/uring.c): the order
+ * in which file operations and passthrough commands reach the kernel.
+ * Light commands keep their place among file operations; a heavy command
+ * goes after the file operations that are ready with it, alone in its
+ * io_uring_enter, so work that turns up before the next loop iteration
+ * goes before the next heavy one.
+ *
+ * The passthrough command is SIOCINQ on a UDP socket (Linux 6.7), which
+ * any ring can carry and which completes inside io_uring_enter, as do
+ * reads of a file in the page cache: the completion order is the order
+ * of submission.
+ */
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <glib.h>
+#include <glib/gstdio.h>
+#include <netinet/in.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "blockcore/aio.h"
+#include "blockcore/coroutine.h"
+#include "blockcore/uring.h"
+
+#ifndef SOCKET_URING_OP_SIOCINQ
+#define SOCKET_URING_OP_SIOCINQ 0
+#endif
+
+static AioContext *ctx;
+static AioUring *ring;
+static int file_fd = -1;
+static int sock_fd = -1;
+static GString *order; /* one letter per completion */
+static int pending;
+
+static void coroutine_fn co_read(void *opaque)
+{
+    char letter = GPOINTER_TO_INT(opaque);
+    char buf[4096];
+    struct iovec iov = {buf, sizeof(buf)};
+
+    g_assert_cmpint(
+        aio_uring_co_rw(ring, false, file_fd, &iov, 1, 0, sizeof(buf), 0),
+        ==, 0);
+    g_assert_cmpint(buf[0], ==, 'x');
+    g_string_append_c(order, letter);
+    pending--;
+}
+
+static void start_read(char letter)
+{
+    pending++;
+    co_enter(co_create(co_read, GINT_TO_POINTER(letter)));
+}
+
+typedef struct TestCmd {
+    AioUringCmd cmd; /* first */
+    char letter;
+    char then; /* a read to start when this completes, or 0 */
+} TestCmd;
+
+static void cmd_done(AioUringCmd *c, int res)
+{
+    TestCmd *t = (TestCmd *)c;
+
+    g_assert_cmpint(res, ==, 3); /* the datagram waiting in the socket */
+    g_string_append_c(order, t->letter);
+    pending--;
+    if (t->then) {
+        start_read(t->then);
+    }
+}
+
+static void queue_cmd(TestCmd *t, char letter, bool heavy, char then)
+{
+    memset(t, 0, sizeof(*t));
+    t->cmd.fd = sock_fd;
+    t->cmd.cmd_op = SOCKET_URING_OP_SIOCINQ;
+    t->cmd.heavy = heavy;
+    t->cmd.complete = cmd_done;
+    t->letter = letter;
+    t->then = then;
+    pending++;
+    aio_uring_queue_cmd(ring, &t->cmd);
+}
+
+static void run_until_done(void)
+{
+    while (pending > 0) {
+        aio_poll(ctx, true);
+    }
+}
+
+static void setup(void)
+{
+    g_string_truncate(order, 0);
+}
+
+/* Light commands and file operations go in the order they were queued. */
+static void test_light_in_order(void)
+{
+    TestCmd a, b;
+
+    setup();
+    queue_cmd(&a, 'a', false, 0);
+    start_read('r');
+    queue_cmd(&b, 'b', false, 0);
+    run_until_done();
+    g_assert_cmpstr(order->str, ==, "arb");
+}
+
+/* A heavy command goes after the file operations ready with it. */
+static void test_heavy_after_ops(void)
+{
+    TestCmd h, a;
+
+    setup();
+    queue_cmd(&h, 'H', true, 0);
+    queue_cmd(&a, 'a', false, 0);
+    start_read('r');
+    run_until_done();
+    g_assert_cmpstr(order->str, ==, "arH");
+}
+
+/*
+ * Two heavy commands go in two io_uring_enter calls: a read started when
+ * the first completes goes before the second.
+ */
+static void test_heavy_one_per_enter(void)
+{
+    TestCmd h, k;
+
+    setup();
+    queue_cmd(&h, 'H', true, 'r');
+    queue_cmd(&k, 'K', true, 0);
+    run_until_done();
+    g_assert_cmpstr(order->str, ==, "HrK");
+}
+
+static void open_fixtures(void)
+{
+    struct sockaddr_in addr = {.sin_family = AF_INET};
+    socklen_t len = sizeof(addr);
+    char *path = NULL;
+    char data[4096];
+    GError *err = NULL;
+
+    file_fd = g_file_open_tmp("test-uring-XXXXXX", &path, &err);
+    g_assert_no_error(err);
+    g_unlink(path);
+    g_free(path);
+    memset(data, 'x', sizeof(data));
+    g_assert_cmpint(write(file_fd, data, sizeof(data)), ==, sizeof(data));
+
+    /* a UDP socket with one 3-byte datagram from itself */
+    sock_fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    g_assert_cmpint(sock_fd, >=, 0);
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    g_assert_cmpint(bind(sock_fd, (struct sockaddr *)&addr, sizeof(addr)), ==,
+                    0);
+    g_assert_cmpint(getsockname(sock_fd, (struct sockaddr *)&addr, &len), ==,
+                    0);
+    g_assert_cmpint(sendto(sock_fd, "abc", 3, 0, (struct sockaddr *)&addr,
+                           sizeof(addr)),
+                    ==, 3);
+}
+
+int main(int argc, char **argv)
+{
+    GError *err = NULL;
+    int ret;
+
+    g_test_init(&argc, &argv, NULL);
+    ctx = aio_context_new("test-uring", NULL);
+    aio_context_borrow(ctx);
+    ring = aio_uring_get(ctx, &err);
+    g_assert_no_error(err);
+    g_assert_true(aio_uring_has_cmds(ring));
+    order = g_string_new(NULL);
+    open_fixtures();
+    g_test_add_func("/uring/light-in-order", test_light_in_order);
+    g_test_add_func("/uring/heavy-after-ops", test_heavy_after_ops);
+    g_test_add_func("/uring/heavy-one-per-enter", test_heavy_one_per_enter);
+    ret = g_test_run();
+    close(sock_fd);
+    close(file_fd);
+    g_string_free(order, TRUE);
+    co_pool_drain();
+    aio_context_return(NULL);
+    aio_context_free(ctx);
+    return ret;
+}
