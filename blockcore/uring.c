@@ -47,7 +47,7 @@ struct AioUring {
     AioContext *ctx;
     struct io_uring ring;
     AioBH *submit_bh;
-    unsigned queued; /* prepared but not yet submitted */
+    unsigned queued;    /* prepared but not yet submitted */
     AioUringList wait;  /* found the submission queue full */
     AioUringList heavy; /* heavy commands, one per io_uring_enter */
 };

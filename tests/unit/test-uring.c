@@ -42,8 +42,8 @@ static void coroutine_fn co_read(void *opaque)
     struct iovec iov = {buf, sizeof(buf)};
 
     g_assert_cmpint(
-        aio_uring_co_rw(ring, false, file_fd, &iov, 1, 0, sizeof(buf), 0),
-        ==, 0);
+        aio_uring_co_rw(ring, false, file_fd, &iov, 1, 0, sizeof(buf), 0), ==,
+        0);
     g_assert_cmpint(buf[0], ==, 'x');
     g_string_append_c(order, letter);
     pending--;
@@ -162,9 +162,9 @@ static void open_fixtures(void)
                     0);
     g_assert_cmpint(getsockname(sock_fd, (struct sockaddr *)&addr, &len), ==,
                     0);
-    g_assert_cmpint(sendto(sock_fd, "abc", 3, 0, (struct sockaddr *)&addr,
-                           sizeof(addr)),
-                    ==, 3);
+    g_assert_cmpint(
+        sendto(sock_fd, "abc", 3, 0, (struct sockaddr *)&addr, sizeof(addr)),
+        ==, 3);
 }
 
 int main(int argc, char **argv)
