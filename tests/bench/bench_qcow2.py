@@ -412,7 +412,8 @@ def main():
         print("\nimgfs peak RSS after the jobs on the 1 GiB image: " +
               ", ".join(f"{t} {v:.1f} MiB" for t, v in rss_reads.items()) +
               " (qcow2 cache bounds: L2 128 KiB, refcount 256 KiB; the "
-              "rest is the FUSE layer's 1 MiB request buffers)")
+              "rest is mostly the FUSE layer's request buffers: 32 x 512 KiB "
+              "per CPU, in huge pages)")
     raw_peak = memory[-1][2] if memory else None
     print("imgfs RSS, 64 MiB of random 4k writes over a fresh 1 TiB image "
           "(2048 L2 tables: more than any cache below holds):")
