@@ -62,6 +62,8 @@
 /* a commit that copies this much is heavy work (AioUringCmd.heavy) */
 #define IFS_RING_HEAVY (64 * 1024)
 #define IFS_HUGE_PAGE (2 * 1024 * 1024) /* x86-64 and arm64 with 4 KiB pages */
+/* request buffers in huge pages up to this many kernel queues */
+#define IFS_RING_HUGE_QUEUES 8
 
 struct ifs_uring_ent_in_out {
     uint64_t flags;
@@ -336,9 +338,11 @@ static void ifs_ring_register_bh(void *opaque)
  * image file's speed.  In huge pages it is one segment.  The price: the
  * whole map (32 x 516 KiB per CPU queue) becomes resident once used, even
  * by 4k requests, where 4 KiB pages would leave most of it untouched.
- * Memory without huge pages to spare just gets small pages.
+ * So only up to IFS_RING_HUGE_QUEUES queues (132 MiB) get the advice: on
+ * a large host with I/O from every CPU small pages cost less.  Memory
+ * without huge pages to spare just gets small pages.
  */
-static char *ifs_ring_map(size_t size)
+static char *ifs_ring_map(size_t size, bool huge)
 {
     size_t len = size + IFS_HUGE_PAGE;
     char *p = mmap(NULL, len, PROT_READ | PROT_WRITE,
@@ -353,7 +357,9 @@ static char *ifs_ring_map(size_t size)
         munmap(p, start - p);
     }
     munmap(start + size, p + len - (start + size));
-    madvise(start, size, MADV_HUGEPAGE); /* advice: may be unsupported */
+    if (huge) {
+        madvise(start, size, MADV_HUGEPAGE); /* advice: may be unsupported */
+    }
     return start;
 }
 
@@ -366,7 +372,7 @@ void ifs_ring_start(IfsRing *r)
     n = r->nqueues * IFS_RING_DEPTH;
     slot = IFS_PAGE + r->payload_size;
     r->mem_size = ALIGN_UP(slot * n, IFS_HUGE_PAGE);
-    r->mem = ifs_ring_map(r->mem_size);
+    r->mem = ifs_ring_map(r->mem_size, r->nqueues <= IFS_RING_HUGE_QUEUES);
     if (!r->mem) {
         /* The kernel waits for the entries it was promised: a daemon
          * that cannot serve them cannot serve at all. */

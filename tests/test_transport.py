@@ -119,6 +119,25 @@ def test_large_requests_over_io_uring(imgfs, tmp_path, uring_param):
                   settings={"fuse-uring": "on"})
     data = {i * MiB: os.urandom(MiB) for i in range(0, 32, 3)}
     write_read_back(mount, data)
+    if thp_mode() != "never":
+        # the request buffers are in huge pages: a large request is one
+        # physical segment for the disk (README, FUSE over io_uring)
+        assert anon_huge_kib(mount.proc.pid) >= 2048
     assert mount.unmount() == 0
     for offset, chunk in data.items():
         assert read_at(image, offset, len(chunk)) == chunk
+
+
+def thp_mode():
+    """The transparent huge page mode: always, madvise or never."""
+    with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+        return f.read().split("[")[1].split("]")[0]
+
+
+def anon_huge_kib(pid):
+    """KiB of a process's memory in transparent huge pages."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("AnonHugePages:"):
+                return int(line.split()[1])
+    return 0
