@@ -155,7 +155,17 @@ void ifs_control_stop(IfsControl *c);
 char *ifs_control_call(const char *path, const char *request, GError **errp);
 
 /* Receive buffers: the write payload lands page aligned. */
+/* x86-64's and arm64's (with 4 KiB pages) transparent huge page */
+#define IFS_HUGE_PAGE_SIZE (2 * 1024 * 1024)
+char *ifs_map_buffers(size_t size, bool huge);
+
+/*
+ * A buffer of IFS_MAX_REQUEST + 8 KiB, page aligned, from a pool: it
+ * receives a request from /dev/fuse, or holds a large read's data.
+ */
 typedef struct IfsBuf IfsBuf;
+IfsBuf *ifs_buf_new(void);
+char *ifs_buf_mem(IfsBuf *b);
 void ifs_buf_free(IfsBuf *b);
 
 /* ---- ring.c: FUSE over io_uring ---- */

@@ -34,6 +34,8 @@
 #define IFS_BLKSIZE 4096
 /* Writes up to this size are copied out of the receive buffer. */
 #define IFS_WRITE_COPY_MAX (64 * 1024)
+/* reads of this size and more over /dev/fuse use a pooled buffer */
+#define IFS_LARGE_READ (64 * 1024)
 
 /* Per thread: where replies of the request being handled go. */
 static __thread int ifs_reply_fd = -1;
@@ -334,6 +336,7 @@ static void coroutine_fn ifs_co_read(void *opaque)
     int64_t n = r->length;
     IOVector qiov;
     void *buf, *ring_buf;
+    IfsBuf *pooled = NULL;
     int ret;
 
     if (r->offset >= len) {
@@ -346,7 +349,13 @@ static void coroutine_fn ifs_co_read(void *opaque)
     }
     /* Over io_uring the data goes straight into the reply's buffer. */
     ring_buf = r->reply_ent ? ifs_ring_payload(r->reply_ent, n) : NULL;
-    buf = ring_buf ? ring_buf : blk_blockalign(blk, n);
+    /* Large reads over /dev/fuse use a pooled buffer (huge pages). */
+    if (!ring_buf && n >= IFS_LARGE_READ && n <= IFS_MAX_REQUEST) {
+        pooled = ifs_buf_new();
+    }
+    buf = ring_buf ? ring_buf
+          : pooled ? ifs_buf_mem(pooled)
+                   : blk_blockalign(blk, n);
     iov_init_buf(&qiov, buf, n);
     ret = blk_co_preadv(blk, r->offset, n, &qiov);
     ifs_reply_to(r);
@@ -355,7 +364,9 @@ static void coroutine_fn ifs_co_read(void *opaque)
     } else {
         fuse_reply_buf(r->req, buf, n);
     }
-    if (!ring_buf) {
+    if (pooled) {
+        ifs_buf_free(pooled);
+    } else if (!ring_buf) {
         free(buf);
     }
 out:

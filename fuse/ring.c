@@ -61,7 +61,6 @@
 #define IFS_PAGE 4096
 /* a commit that copies this much is heavy work (AioUringCmd.heavy) */
 #define IFS_RING_HEAVY (64 * 1024)
-#define IFS_HUGE_PAGE (2 * 1024 * 1024) /* x86-64 and arm64 with 4 KiB pages */
 /* request buffers in huge pages up to this many kernel queues */
 #define IFS_RING_HUGE_QUEUES 8
 
@@ -329,40 +328,6 @@ static void ifs_ring_register_bh(void *opaque)
     }
 }
 
-/*
- * The request buffers, on huge page boundaries and asking for transparent
- * huge pages.  A payload in 4 KiB pages reaches the disk as up to 128
- * physical segments per 512 KiB; a virtio disk without indirect
- * descriptors (Firecracker's has 256 ring slots) then fits one such
- * request at a time, and a 1 MiB read through imgfs ran at 0.7 of the
- * image file's speed.  In huge pages it is one segment.  The price: the
- * whole map (32 x 516 KiB per CPU queue) becomes resident once used, even
- * by 4k requests, where 4 KiB pages would leave most of it untouched.
- * So only up to IFS_RING_HUGE_QUEUES queues (132 MiB) get the advice: on
- * a large host with I/O from every CPU small pages cost less.  Memory
- * without huge pages to spare just gets small pages.
- */
-static char *ifs_ring_map(size_t size, bool huge)
-{
-    size_t len = size + IFS_HUGE_PAGE;
-    char *p = mmap(NULL, len, PROT_READ | PROT_WRITE,
-                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    char *start;
-
-    if (p == MAP_FAILED) {
-        return NULL;
-    }
-    start = (char *)ALIGN_UP((uintptr_t)p, IFS_HUGE_PAGE);
-    if (start > p) {
-        munmap(p, start - p);
-    }
-    munmap(start + size, p + len - (start + size));
-    if (huge) {
-        madvise(start, size, MADV_HUGEPAGE); /* advice: may be unsupported */
-    }
-    return start;
-}
-
 void ifs_ring_start(IfsRing *r)
 {
     IfsMount *m = r->mount;
@@ -371,8 +336,15 @@ void ifs_ring_start(IfsRing *r)
 
     n = r->nqueues * IFS_RING_DEPTH;
     slot = IFS_PAGE + r->payload_size;
-    r->mem_size = ALIGN_UP(slot * n, IFS_HUGE_PAGE);
-    r->mem = ifs_ring_map(r->mem_size, r->nqueues <= IFS_RING_HUGE_QUEUES);
+    r->mem_size = ALIGN_UP(slot * n, IFS_HUGE_PAGE_SIZE);
+    /*
+     * Huge pages (ifs_map_buffers) make the whole map resident once 4k
+     * requests have used every entry (32 x 516 KiB per CPU queue), where
+     * small pages would leave most of it untouched.  So only up to
+     * IFS_RING_HUGE_QUEUES queues (132 MiB) get them: on a large host
+     * with I/O from every CPU small pages cost less.
+     */
+    r->mem = ifs_map_buffers(r->mem_size, r->nqueues <= IFS_RING_HUGE_QUEUES);
     if (!r->mem) {
         /* The kernel waits for the entries it was promised: a daemon
          * that cannot serve them cannot serve at all. */

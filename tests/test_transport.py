@@ -110,13 +110,15 @@ def test_auto_follows_the_module_parameter(imgfs, tmp_path, uring_param):
     assert mount.unmount() == 0
 
 
-def test_large_requests_over_io_uring(imgfs, tmp_path, uring_param):
+@pytest.mark.parametrize("transport", ["on", "off"])
+def test_large_requests(imgfs, tmp_path, uring_param, transport):
     """1 MiB O_DIRECT transfers: the kernel sends them as requests that
-    fill whole ring entries both ways."""
+    fill whole request buffers both ways, over io_uring (ring entries) and
+    over /dev/fuse (the buffer pool)."""
     image = create_image(tmp_path / "disk0.img", SIZE)
     mount = imgfs({"disk0": {"file": image, "format": "raw",
                              "cache": "none"}},
-                  settings={"fuse-uring": "on"})
+                  settings={"fuse-uring": transport})
     data = {i * MiB: os.urandom(MiB) for i in range(0, 32, 3)}
     write_read_back(mount, data)
     if thp_mode() != "never":
