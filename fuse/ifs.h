@@ -154,14 +154,15 @@ void ifs_control_stop(IfsControl *c);
 /* Client: send one request line, return the reply line. */
 char *ifs_control_call(const char *path, const char *request, GError **errp);
 
-/* Receive buffers: the write payload lands page aligned. */
 /* x86-64's and arm64's (with 4 KiB pages) transparent huge page */
 #define IFS_HUGE_PAGE_SIZE (2 * 1024 * 1024)
+/* Request buffer memory, huge page aligned, in huge pages if @huge. */
 char *ifs_map_buffers(size_t size, bool huge);
 
 /*
  * A buffer of IFS_MAX_REQUEST + 8 KiB, page aligned, from a pool: it
- * receives a request from /dev/fuse, or holds a large read's data.
+ * receives a request from /dev/fuse (the write payload lands page
+ * aligned), or holds a large read's data.
  */
 typedef struct IfsBuf IfsBuf;
 IfsBuf *ifs_buf_new(void);

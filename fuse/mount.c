@@ -106,30 +106,30 @@ struct IfsBuf {
 };
 
 /*
- * The first IFS_BUF_POOL buffers come from one map in transparent huge
- * pages, as the FUSE ring's do (ring.c, ifs_ring_map): a large request's
- * data is then one physical segment for the disk.  Later ones, when that
- * many are in use, come from the heap.
+ * The first IFS_BUF_POOL buffers come from one map in huge pages
+ * (ifs_map_buffers), as the FUSE ring's do.  Later ones, when that many
+ * are in use, come from the heap.
  */
 static struct {
     GMutex lock;
-    IfsBuf *head;    /* protected by lock */
-    int count;       /* protected by lock */
-    char *arena;     /* protected by lock; mapped on first use */
-    int arena_used;  /* protected by lock: buffers handed out from it */
-    bool arena_fail; /* protected by lock */
+    IfsBuf *head;   /* protected by lock */
+    int count;      /* protected by lock */
+    char *arena;    /* protected by lock; mapped on first use */
+    int arena_used; /* protected by lock: buffers handed out from it */
 } ifs_buf_pool;
 
 /* Memory for a new buffer from the arena, or NULL.  Pool lock held. */
 static char *ifs_buf_arena_take(void)
 {
-    if (!ifs_buf_pool.arena && !ifs_buf_pool.arena_fail) {
+    if (!ifs_buf_pool.arena && ifs_buf_pool.arena_used == 0) {
         ifs_buf_pool.arena = ifs_map_buffers(
             ALIGN_UP((size_t)IFS_BUF_POOL * IFS_BUF_SIZE, IFS_HUGE_PAGE_SIZE),
             true);
-        ifs_buf_pool.arena_fail = !ifs_buf_pool.arena;
+        if (!ifs_buf_pool.arena) {
+            ifs_buf_pool.arena_used = IFS_BUF_POOL; /* all from the heap */
+        }
     }
-    if (!ifs_buf_pool.arena || ifs_buf_pool.arena_used == IFS_BUF_POOL) {
+    if (ifs_buf_pool.arena_used == IFS_BUF_POOL) {
         return NULL;
     }
     return ifs_buf_pool.arena +

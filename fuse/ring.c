@@ -306,6 +306,8 @@ static void ifs_ring_send(IfsRingEnt *e, uint32_t op, uint64_t commit_id,
     memset(e->cmd.data, 0, sizeof(e->cmd.data));
     memcpy(e->cmd.data, &req, sizeof(req));
     e->cmd.cmd_op = op;
+    e->cmd.heavy = op == IFS_URING_CMD_COMMIT_AND_FETCH &&
+                   e->hdr->ent.payload_sz >= IFS_RING_HEAVY;
     if (thread < 0 && !(u && aio_uring_has_cmds(u))) {
         thread = 0; /* not an iothread (they all have rings: ifs_ring_new) */
     }
@@ -387,7 +389,6 @@ static void ifs_ring_reject(IfsRingEnt *e, uint64_t unique)
 
     memcpy(e->hdr->in_out, &oh, sizeof(oh));
     e->hdr->ent.payload_sz = 0;
-    e->cmd.heavy = false;
     ifs_ring_send(e, IFS_URING_CMD_COMMIT_AND_FETCH, e->hdr->ent.commit_id, -1);
 }
 
@@ -475,7 +476,6 @@ ssize_t ifs_ring_reply(IfsRingEnt *e, const struct iovec *iov, int count)
      * keeps submitting I/O.  One request at a time stays on the thread
      * that served it: a hand-over would only add latency.
      */
-    e->cmd.heavy = psz >= IFS_RING_HEAVY;
     if (busy > 1 && r->mount->nthreads > 1) {
         thread = __atomic_fetch_add(&r->spread, 1, __ATOMIC_RELAXED) %
                  r->mount->nthreads;

@@ -124,7 +124,7 @@ def test_large_requests(imgfs, tmp_path, uring_param, transport):
     if thp_mode() != "never":
         # the request buffers are in huge pages: a large request is one
         # physical segment for the disk (README, FUSE over io_uring)
-        assert anon_huge_kib(mount.proc.pid) >= 2048
+        assert anon_huge_kib(mount.pid) >= 2048
     assert mount.unmount() == 0
     for offset, chunk in data.items():
         assert read_at(image, offset, len(chunk)) == chunk
