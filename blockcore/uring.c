@@ -26,6 +26,7 @@ typedef struct AioUringList {
 
 struct UringOp {
     int opcode;
+    bool fixed; /* one iovec in the ring's registered buffer */
     int fd;
     struct iovec *iov;
     int niov;
@@ -50,6 +51,8 @@ struct AioUring {
     unsigned queued;    /* prepared but not yet submitted */
     AioUringList wait;  /* found the submission queue full */
     AioUringList heavy; /* heavy commands, one per io_uring_enter */
+    char *fixed;        /* the registered buffer (aio_uring_register_buf) */
+    size_t fixed_len;
 };
 
 static void list_push(AioUringList *list, AioUringLink *l)
@@ -91,10 +94,20 @@ static void uring_prep(struct io_uring_sqe *sqe, UringOp *op)
 {
     switch (op->opcode) {
     case IORING_OP_READV:
-        io_uring_prep_readv(sqe, op->fd, op->iov, op->niov, op->offset);
+        if (op->fixed) {
+            io_uring_prep_read_fixed(sqe, op->fd, op->iov->iov_base,
+                                     op->iov->iov_len, op->offset, 0);
+        } else {
+            io_uring_prep_readv(sqe, op->fd, op->iov, op->niov, op->offset);
+        }
         break;
     case IORING_OP_WRITEV:
-        io_uring_prep_writev(sqe, op->fd, op->iov, op->niov, op->offset);
+        if (op->fixed) {
+            io_uring_prep_write_fixed(sqe, op->fd, op->iov->iov_base,
+                                      op->iov->iov_len, op->offset, 0);
+        } else {
+            io_uring_prep_writev(sqe, op->fd, op->iov, op->niov, op->offset);
+        }
         sqe->rw_flags = op->rwflags;
         break;
     case IORING_OP_FSYNC:
@@ -376,6 +389,14 @@ int coroutine_fn aio_uring_co_rw(AioUring *u, bool write, int fd,
         .rwflags = rwflags,
     };
 
+    /*
+     * A transfer within the registered buffer needs no page pinning
+     * (the kernel pinned it once); a short one continues in it.
+     */
+    op.fixed = niov == 1 && u->fixed && (char *)iov->iov_base >= u->fixed &&
+               iov->iov_len <= u->fixed_len &&
+               (size_t)((char *)iov->iov_base - u->fixed) <=
+                   u->fixed_len - iov->iov_len;
     return uring_co_run(u, &op);
 }
 
@@ -398,4 +419,21 @@ int coroutine_fn aio_uring_co_fallocate(AioUring *u, int fd, int mode,
     };
 
     return uring_co_run(u, &op);
+}
+
+int aio_uring_register_buf(AioUring *u, void *base, size_t len)
+{
+    struct iovec iov = {.iov_base = base, .iov_len = len};
+    int ret;
+
+    if (u->fixed) {
+        return -EBUSY;
+    }
+    ret = io_uring_register_buffers(&u->ring, &iov, 1);
+    if (ret < 0) {
+        return ret;
+    }
+    u->fixed = base;
+    u->fixed_len = len;
+    return 0;
 }

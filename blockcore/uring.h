@@ -73,6 +73,15 @@ struct AioUringCmd {
     int res;
 };
 
+/*
+ * Register @len bytes at @base with the ring (one buffer per ring):
+ * reads and writes of one iovec inside it then skip the page pinning of
+ * every request.  The memory stays pinned, and must stay mapped, for the
+ * ring's life.  0 or -errno (-ENOMEM past RLIMIT_MEMLOCK without
+ * CAP_IPC_LOCK, -EBUSY if the ring has one).  Owner thread only.
+ */
+int aio_uring_register_buf(AioUring *u, void *base, size_t len);
+
 /* Can this ring carry AioUringCmds (it has 128-byte SQEs)? */
 bool aio_uring_has_cmds(AioUring *u);
 

@@ -115,6 +115,7 @@ struct IfsRing {
     unsigned inflight; /* atomic: requests being served */
     int stopping;      /* atomic */
     int failed;        /* atomic: a command failed (warned once) */
+    int unfixed;       /* atomic: a ring could not register the map */
 };
 
 /* Highest possible CPU + 1, as the kernel counts its queues. */
@@ -319,6 +320,23 @@ static void ifs_ring_send(IfsRingEnt *e, uint32_t op, uint64_t commit_id,
     }
 }
 
+/*
+ * Register the request buffers with the calling iothread's ring: image
+ * reads and writes that use them in place (ifs_co_read, ifs_co_write)
+ * then skip pinning their pages, a part of every request's cost.
+ */
+static void ifs_ring_fix_bh(void *opaque)
+{
+    IfsRing *r = opaque;
+    int ret = aio_uring_register_buf(aio_uring_current(), r->mem, r->mem_size);
+
+    if (ret < 0 && !__atomic_exchange_n(&r->unfixed, 1, __ATOMIC_SEQ_CST)) {
+        log_info("FUSE over io_uring: request buffers not registered with "
+                 "io_uring (%s): image I/O pins their pages per request",
+                 strerror(-ret));
+    }
+}
+
 /* Register the entries of one kernel queue, @opaque its first. */
 static void ifs_ring_register_bh(void *opaque)
 {
@@ -374,6 +392,15 @@ void ifs_ring_start(IfsRing *r)
     }
     log_info("FUSE over io_uring: %u queues of %d requests, %zu KiB each",
              r->nqueues, IFS_RING_DEPTH, r->payload_size >> 10);
+    /*
+     * Registering pins the whole map at once, so only a map in huge pages
+     * gets it (resident after the first requests anyway); before any
+     * entry, since a thread runs its bottom halves in order.
+     */
+    for (i = 0; r->nqueues <= IFS_RING_HUGE_QUEUES && i < m->nthreads; i++) {
+        aio_bh_schedule_oneshot(iothread_get_ctx(m->threads[i]),
+                                ifs_ring_fix_bh, r);
+    }
     for (i = 0; i < r->nqueues; i++) {
         aio_bh_schedule_oneshot(iothread_get_ctx(m->threads[i % m->nthreads]),
                                 ifs_ring_register_bh,

@@ -68,6 +68,12 @@ def test_requests_travel_over_io_uring(imgfs, tmp_path, uring_param):
                   settings={"fuse-uring": "on"})
     wait_for(lambda: "FUSE over io_uring:" in mount.stderr(), 10,
              "the ring entries to be registered")
+    # every iothread's ring has the request buffers registered, so image
+    # reads and writes in them pin no pages; only up to 8 CPUs, as with
+    # huge pages (README, FUSE over io_uring)
+    rings = registered_buffers(mount.pid)
+    expected = 1 if possible_cpus() <= 8 else 0
+    assert rings and all(n == expected for n in rings), rings
     data, calls = write_read_through(mount, tmp_path, 64)
     # 128 requests, none of them read from or answered on /dev/fuse (the
     # image I/O goes through io_uring too)
@@ -76,6 +82,31 @@ def test_requests_travel_over_io_uring(imgfs, tmp_path, uring_param):
     assert mount.unmount() == 0
     for offset, chunk in data.items():
         assert read_at(image, offset, len(chunk)) == chunk
+
+
+def possible_cpus():
+    """The kernel's count of possible CPUs (its FUSE queues)."""
+    with open("/sys/devices/system/cpu/possible") as f:
+        last = f.read().strip().replace(",", "-").split("-")[-1]
+    return int(last) + 1
+
+
+def registered_buffers(pid):
+    """For each io_uring of process PID, how many buffers are registered
+    with it (the UserBufs line of its fdinfo)."""
+    counts = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") != "anon_inode:[io_uring]":
+                continue
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                info = f.read()
+        except FileNotFoundError:
+            continue
+        for line in info.splitlines():
+            if line.startswith("UserBufs:"):
+                counts.append(int(line.split()[1]))
+    return counts
 
 
 def test_fuse_uring_off_uses_dev_fuse(imgfs, tmp_path, uring_param):
