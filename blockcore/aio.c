@@ -23,6 +23,9 @@
 #include "coroutine-int.h"
 #include "log.h"
 
+/* how often a context re-judges its load (aio_context_has_idle) */
+#define AIO_LOAD_WINDOW_NS 1000000
+
 typedef struct AioHandler AioHandler;
 
 struct AioHandler {
@@ -77,6 +80,13 @@ struct AioContext {
     /* Adaptive busy polling before sleeping (owner thread only). */
     int64_t poll_max_ns;
     int64_t poll_ns;
+
+    /* Load (owner thread only): time waiting for events and working in
+     * the current window, and whether the last window had idle time. */
+    int64_t window_idle_ns;
+    int64_t window_busy_ns;
+    int64_t wait_end_ns; /* when the last wait ended, 0: none yet */
+    bool has_idle;
 
     void *slots[AIO_SLOT_COUNT];
     void (*slot_destroy[AIO_SLOT_COUNT])(void *);
@@ -548,9 +558,36 @@ static int aio_poll_wait(AioContext *ctx, struct epoll_event *events, int max,
     return n;
 }
 
+/*
+ * Account a wait from @start to @end (and the work since the previous
+ * one).  Every AIO_LOAD_WINDOW_NS the window closes: the context "has
+ * idle time" if it spent at least a quarter of it waiting.
+ */
+static void aio_account_load(AioContext *ctx, int64_t start, int64_t end)
+{
+    int64_t total;
+
+    if (ctx->wait_end_ns) {
+        ctx->window_busy_ns += start - ctx->wait_end_ns;
+    }
+    ctx->window_idle_ns += end - start;
+    ctx->wait_end_ns = end;
+    total = ctx->window_idle_ns + ctx->window_busy_ns;
+    if (total >= AIO_LOAD_WINDOW_NS) {
+        ctx->has_idle = ctx->window_idle_ns * 4 >= total;
+        ctx->window_idle_ns = ctx->window_busy_ns = 0;
+    }
+}
+
+bool aio_context_has_idle(AioContext *ctx)
+{
+    return ctx->has_idle;
+}
+
 bool aio_poll(AioContext *ctx, bool blocking)
 {
     struct epoll_event events[64];
+    int64_t start;
     struct timespec ts, *tsp = &ts;
     bool progress = false;
     int64_t wait_ns = 0;
@@ -580,11 +617,13 @@ bool aio_poll(AioContext *ctx, bool blocking)
         ts.tv_nsec = wait_ns % 1000000000;
     }
 
+    start = aio_clock_ns();
     if (wait_ns != 0 && ctx->poll_max_ns > 0) {
         n = aio_poll_wait(ctx, events, ARRAY_SIZE(events), tsp);
     } else {
         n = epoll_pwait2(ctx->epfd, events, ARRAY_SIZE(events), tsp, NULL);
     }
+    aio_account_load(ctx, start, aio_clock_ns());
     if (n < 0 && errno != EINTR) {
         log_error("event loop %s: epoll: %s", ctx->name, strerror(errno));
     }

@@ -62,6 +62,13 @@ bool aio_poll(AioContext *ctx, bool blocking);
  * thread or before the context runs. */
 void aio_context_set_poll_max_ns(AioContext *ctx, int64_t max_ns);
 
+/*
+ * Did @ctx's loop spend at least a quarter of the last millisecond or so
+ * waiting for events?  A context with idle time can trade system calls
+ * for latency; a saturated one should batch.  Owner thread only.
+ */
+bool aio_context_has_idle(AioContext *ctx);
+
 /* Wake a context sleeping in aio_poll().  Any thread. */
 void aio_notify(AioContext *ctx);
 
