@@ -65,6 +65,15 @@ def is_mounted(path):
         return any(line.split()[4] == target for line in f)
 
 
+def cpu_times():
+    """(stolen, total) CPU time of all CPUs so far, in ticks: stolen is
+    time a virtual machine's CPUs were ready but the host ran something
+    else (/proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
 def fio(filename, size, runtime, rw, bs, iodepth, name="bench"):
     """Run one fio job; return its JSON report's first job."""
     cmd = ["fio", f"--name={name}", f"--filename={filename}",
@@ -266,6 +275,7 @@ def main():
 
         running = [t for t in targets if t in paths]
         results = {label: {t: [] for t in targets} for label, *_ in jobs}
+        steal = []  # % of CPU time the host took, per job
         total = len(jobs) * len(running) * args.rounds * args.runtime
         log(f"bench_raw: {len(jobs)} jobs x {len(running)} targets x "
             f"{args.rounds} rounds x {args.runtime} s = about "
@@ -275,6 +285,7 @@ def main():
             for label, rw, bs, iodepth, unit in jobs:
                 for t in order:
                     drop_caches()
+                    before = cpu_times()
                     try:
                         job = fio(paths[t], size, args.runtime, rw, bs,
                                   iodepth)
@@ -282,9 +293,14 @@ def main():
                     except (RuntimeError, subprocess.TimeoutExpired) as e:
                         log(f"  {t}: {label}: {e}")
                         value = None
+                    after = cpu_times()
+                    stolen = 100 * (after[0] - before[0]) / max(
+                        1, after[1] - before[1])
+                    steal.append(stolen)
                     results[label][t].append(value)
                     log(f"  round {rnd + 1} {label:<19}{t:<10} "
-                        f"{fmt(value, unit)} {unit}")
+                        f"{fmt(value, unit)} {unit}   (host steal "
+                        f"{stolen:.0f}%)")
     finally:
         for d in daemons:
             d.stop()
@@ -304,6 +320,12 @@ def main():
           "raw node, FUSE export")
     for t, why in unavailable.items():
         print(f"{t}: n/a: {why}")
+    if steal and max(steal) > 0:
+        # on a shared virtual machine, figures from jobs whose CPUs were
+        # taken by the host are not comparable with the others
+        print(f"host steal (CPU time the host took from this VM) per job: "
+              f"median {statistics.median(steal):.0f}%, "
+              f"max {max(steal):.0f}%")
     print()
     print_table(jobs, results, targets, args.rounds)
 
