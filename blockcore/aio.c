@@ -530,9 +530,8 @@ void aio_context_set_poll_max_ns(AioContext *ctx, int64_t max_ns)
  * arrive a little after it ends and shrinks when waits are long.
  */
 static int aio_poll_wait(AioContext *ctx, struct epoll_event *events, int max,
-                         struct timespec *tsp)
+                         struct timespec *tsp, int64_t start, int64_t *end)
 {
-    int64_t start = aio_clock_ns();
     int64_t block_ns;
     int n = 0;
 
@@ -544,7 +543,8 @@ static int aio_poll_wait(AioContext *ctx, struct epoll_event *events, int max,
     if (n == 0) {
         n = epoll_pwait2(ctx->epfd, events, max, tsp, NULL);
     }
-    block_ns = aio_clock_ns() - start;
+    *end = aio_clock_ns();
+    block_ns = *end - start;
     if (block_ns <= ctx->poll_ns) {
         /* polling was enough */
     } else if (block_ns > ctx->poll_max_ns) {
@@ -587,7 +587,7 @@ bool aio_context_has_idle(AioContext *ctx)
 bool aio_poll(AioContext *ctx, bool blocking)
 {
     struct epoll_event events[64];
-    int64_t start;
+    int64_t start, end;
     struct timespec ts, *tsp = &ts;
     bool progress = false;
     int64_t wait_ns = 0;
@@ -619,11 +619,12 @@ bool aio_poll(AioContext *ctx, bool blocking)
 
     start = aio_clock_ns();
     if (wait_ns != 0 && ctx->poll_max_ns > 0) {
-        n = aio_poll_wait(ctx, events, ARRAY_SIZE(events), tsp);
+        n = aio_poll_wait(ctx, events, ARRAY_SIZE(events), tsp, start, &end);
     } else {
         n = epoll_pwait2(ctx->epfd, events, ARRAY_SIZE(events), tsp, NULL);
+        end = aio_clock_ns();
     }
-    aio_account_load(ctx, start, aio_clock_ns());
+    aio_account_load(ctx, start, end);
     if (n < 0 && errno != EINTR) {
         log_error("event loop %s: epoll: %s", ctx->name, strerror(errno));
     }

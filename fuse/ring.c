@@ -353,6 +353,8 @@ void ifs_ring_start(IfsRing *r)
     IfsMount *m = r->mount;
     size_t slot;
     unsigned i, n;
+    /* huge pages, and so registered buffers (see below) */
+    bool huge = r->nqueues <= IFS_RING_HUGE_QUEUES;
 
     n = r->nqueues * IFS_RING_DEPTH;
     slot = IFS_PAGE + r->payload_size;
@@ -364,7 +366,7 @@ void ifs_ring_start(IfsRing *r)
      * IFS_RING_HUGE_QUEUES queues (132 MiB) get them: on a large host
      * with I/O from every CPU small pages cost less.
      */
-    r->mem = ifs_map_buffers(r->mem_size, r->nqueues <= IFS_RING_HUGE_QUEUES);
+    r->mem = ifs_map_buffers(r->mem_size, huge);
     if (!r->mem) {
         /* The kernel waits for the entries it was promised: a daemon
          * that cannot serve them cannot serve at all. */
@@ -397,7 +399,7 @@ void ifs_ring_start(IfsRing *r)
      * gets it (resident after the first requests anyway); before any
      * entry, since a thread runs its bottom halves in order.
      */
-    for (i = 0; r->nqueues <= IFS_RING_HUGE_QUEUES && i < m->nthreads; i++) {
+    for (i = 0; huge && i < m->nthreads; i++) {
         aio_bh_schedule_oneshot(iothread_get_ctx(m->threads[i]),
                                 ifs_ring_fix_bh, r);
     }
