@@ -18,6 +18,13 @@ targets take turns within each round, and the table quotes the median of
 the rounds per cell, every round's figure, and the ratios imgfs/qsd and
 imgfs/plain.  These machines are shared and small: a figure can move by
 half between runs, so compare within one run only.
+
+Most of that movement is the host's: while it runs other guests on this
+one's CPUs ("steal" in /proc/stat), every target loses, and the ones that
+keep both CPUs busy lose most.  So a job during which the host took more
+than --max-steal % of the CPU time is run again (at most --retries times),
+the attempt with the least steal is kept, and a figure kept above the
+limit is marked with * in the per-round listing.
 """
 
 import argparse
@@ -163,6 +170,32 @@ def start_qsd(image, work):
     return Daemon("qsd", cmd, mnt, mnt, work / "qsd.log")
 
 
+def run_job(path, size, runtime, rw, bs, iodepth, unit, what, max_steal,
+            retries):
+    """Run one fio job, again (up to @retries times) while the host steals
+    more than @max_steal % of the CPU time.  Returns the figure of the
+    attempt with the least steal, that steal, and the attempts made."""
+    best = None
+    for attempt in range(1 + retries):
+        drop_caches()
+        before = cpu_times()
+        try:
+            value = figure(fio(path, size, runtime, rw, bs, iodepth), rw, unit)
+        except (RuntimeError, subprocess.TimeoutExpired) as e:
+            log(f"  {what}: {e}")
+            value = None
+        after = cpu_times()
+        stolen = 100 * (after[0] - before[0]) / max(1, after[1] - before[1])
+        again = stolen > max_steal and attempt < retries
+        log(f"  {what}{fmt(value, unit)} {unit}   (host steal "
+            f"{stolen:.0f}%{': again' if again else ''})")
+        if best is None or stolen < best[1]:
+            best = (value, stolen)
+        if not again:
+            break
+    return best[0], best[1], attempt + 1
+
+
 def fmt(value, unit):
     if value is None:
         return "n/a"
@@ -173,7 +206,7 @@ def ratio(a, b):
     return "n/a" if a is None or b is None or b == 0 else f"{a / b:.2f}"
 
 
-def print_table(jobs, results, targets, rounds):
+def print_table(jobs, results, targets, rounds, marked):
     head = f"{'job':<19}{'unit':<7}" + "".join(f"{t:>11}" for t in targets)
     head += f"{'imgfs/qsd':>11}{'imgfs/plain':>13}"
     if DEVFUSE in targets:
@@ -196,7 +229,9 @@ def print_table(jobs, results, targets, rounds):
         print("\nevery round:")
         for label, _, _, _, unit in jobs:
             for t in targets:
-                values = " ".join(fmt(v, unit) for v in results[label][t])
+                values = " ".join(
+                    fmt(v, unit) + ("*" if (label, t, i) in marked else "")
+                    for i, v in enumerate(results[label][t]))
                 print(f"  {label:<19}{t:<10}{values}")
 
 
@@ -223,6 +258,12 @@ def main():
                              "switches the fuse module's enable_uring on); "
                              f"both: on as imgfs, off as {DEVFUSE} "
                              "(default on)")
+    parser.add_argument("--max-steal", type=float, default=5, metavar="PCT",
+                        help="run a job again while the host steals more "
+                             "than PCT %% of the CPU time (default 5)")
+    parser.add_argument("--retries", type=int, default=2,
+                        help="at most this many runs more per job for "
+                             "--max-steal (default 2)")
     args = parser.parse_args()
     targets = list(TARGETS)
     if args.fuse_uring == "both":
@@ -275,7 +316,9 @@ def main():
 
         running = [t for t in targets if t in paths]
         results = {label: {t: [] for t in targets} for label, *_ in jobs}
-        steal = []  # % of CPU time the host took, per job
+        steal = []  # % of CPU time the host took, per kept job
+        rerun = 0  # jobs run again for steal
+        marked = set()  # (label, target, round) kept with steal anyway
         total = len(jobs) * len(running) * args.rounds * args.runtime
         log(f"bench_raw: {len(jobs)} jobs x {len(running)} targets x "
             f"{args.rounds} rounds x {args.runtime} s = about "
@@ -284,23 +327,15 @@ def main():
             order = running[rnd % len(running):] + running[:rnd % len(running)]
             for label, rw, bs, iodepth, unit in jobs:
                 for t in order:
-                    drop_caches()
-                    before = cpu_times()
-                    try:
-                        job = fio(paths[t], size, args.runtime, rw, bs,
-                                  iodepth)
-                        value = figure(job, rw, unit)
-                    except (RuntimeError, subprocess.TimeoutExpired) as e:
-                        log(f"  {t}: {label}: {e}")
-                        value = None
-                    after = cpu_times()
-                    stolen = 100 * (after[0] - before[0]) / max(
-                        1, after[1] - before[1])
+                    value, stolen, tries = run_job(
+                        paths[t], size, args.runtime, rw, bs, iodepth, unit,
+                        f"round {rnd + 1} {label:<19}{t:<10}",
+                        args.max_steal, args.retries)
                     steal.append(stolen)
+                    rerun += tries - 1
                     results[label][t].append(value)
-                    log(f"  round {rnd + 1} {label:<19}{t:<10} "
-                        f"{fmt(value, unit)} {unit}   (host steal "
-                        f"{stolen:.0f}%)")
+                    if stolen > args.max_steal:
+                        marked.add((label, t, rnd))
     finally:
         for d in daemons:
             d.stop()
@@ -325,9 +360,12 @@ def main():
         # taken by the host are not comparable with the others
         print(f"host steal (CPU time the host took from this VM) per job: "
               f"median {statistics.median(steal):.0f}%, "
-              f"max {max(steal):.0f}%")
+              f"max {max(steal):.0f}%; {rerun} job(s) run again for steal "
+              f"above {args.max_steal:g}%"
+              + (f", {len(marked)} kept above it (* below)" if marked
+                 else ""))
     print()
-    print_table(jobs, results, targets, args.rounds)
+    print_table(jobs, results, targets, args.rounds, marked)
 
 
 if __name__ == "__main__":
