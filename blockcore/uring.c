@@ -3,8 +3,9 @@
  * coroutine's stack.  Submission is deferred to a bottom half so that all
  * the requests started while handling one batch of FUSE requests go to
  * the kernel in one io_uring_enter -- except reads while the loop has
- * idle time, which go at once; requests that find the submission queue
- * full wait on a list and are queued as completions free space.
+ * idle time and large writes, which go at once; requests that find the
+ * submission queue full wait on a list and are queued as completions free
+ * space.
  */
 #include "uring.h"
 
@@ -24,6 +25,9 @@ typedef struct UringOp UringOp;
 typedef struct AioUringList {
     AioUringLink *head, *tail;
 } AioUringList;
+
+/* writes of this many bytes and more are submitted when queued */
+#define URING_EAGER_WRITE (64 * 1024)
 
 struct UringOp {
     int opcode;
@@ -399,9 +403,13 @@ int coroutine_fn aio_uring_co_rw(AioUring *u, bool write, int fd,
          * time: the disk gets it before the rest of this iteration's
          * work.  A busy loop batches (an io_uring_enter, and often a
          * virtio kick, per read cost 16% on page-cache reads), and so do
-         * writes, which lost 5-11% either way.
+         * small writes, which lost 5-11% either way.  A large write goes
+         * at once: beside its transfer a system call is cheap, and the
+         * disk works on it while the loop takes in the next requests'
+         * data (+5% on 1 MiB writes at iodepth 4).
          */
-        .eager = !write && aio_context_has_idle(u->ctx),
+        .eager =
+            write ? len >= URING_EAGER_WRITE : aio_context_has_idle(u->ctx),
     };
 
     /*
@@ -434,6 +442,11 @@ int coroutine_fn aio_uring_co_fallocate(AioUring *u, int fd, int mode,
     };
 
     return uring_co_run(u, &op);
+}
+
+unsigned aio_uring_pending(AioUring *u)
+{
+    return u->queued;
 }
 
 int aio_uring_register_buf(AioUring *u, void *base, size_t len)

@@ -73,6 +73,9 @@ struct AioUringCmd {
     int res;
 };
 
+/* Operations prepared but not yet handed to the kernel. */
+unsigned aio_uring_pending(AioUring *u);
+
 /*
  * Register @len bytes at @base with the ring (one buffer per ring):
  * reads and writes of one iovec inside it then skip the page pinning of

@@ -283,6 +283,54 @@ static void test_eager_reads(void)
     g_free(buf);
 }
 
+/* Start a write of @len bytes; has it gone to the kernel before the loop
+ * runs again? */
+static bool write_submitted_when_queued(int fd, char *buf, size_t len)
+{
+    RwJob j = {true, fd, buf, len, 1};
+    bool submitted;
+
+    pending++;
+    co_enter(co_create(co_rw, &j));
+    submitted = aio_uring_pending(ring) == 0;
+    run_until_done();
+    g_assert_cmpint(j.ret, ==, 0);
+    return submitted;
+}
+
+static void test_eager_writes(void)
+{
+    size_t len = 64 * 1024;
+    char *buf = g_malloc(len), *back = g_malloc(len);
+    char *path = NULL;
+    GError *err = NULL;
+    int fd = g_file_open_tmp("test-uring-w-XXXXXX", &path, &err);
+
+    g_assert_no_error(err);
+    g_unlink(path);
+    g_free(path);
+    memset(buf, 'L', len);
+    /* a large write goes at once, even from a busy loop */
+    busy_for(3);
+    g_assert_false(aio_context_has_idle(ctx));
+    g_assert_true(write_submitted_when_queued(fd, buf, len));
+    g_assert_cmpint(pread(fd, back, len, 0), ==, len);
+    g_assert_cmpmem(back, len, buf, len);
+    /* a small one waits for the loop's batch, busy or idle */
+    memset(buf, 's', 4096);
+    g_assert_false(write_submitted_when_queued(fd, buf, 4096 * 15));
+    g_assert_false(write_submitted_when_queued(fd, buf, 4096));
+    idle_for(2);
+    idle_for(3);
+    g_assert_true(aio_context_has_idle(ctx));
+    g_assert_false(write_submitted_when_queued(fd, buf, 4096));
+    g_assert_cmpint(pread(fd, back, 4096, 0), ==, 4096);
+    g_assert_cmpmem(back, 4096, buf, 4096);
+    close(fd);
+    g_free(back);
+    g_free(buf);
+}
+
 static void open_fixtures(void)
 {
     struct sockaddr_in addr = {.sin_family = AF_INET};
@@ -329,6 +377,7 @@ int main(int argc, char **argv)
     g_test_add_func("/uring/heavy-one-per-enter", test_heavy_one_per_enter);
     g_test_add_func("/uring/fixed-buffer", test_fixed_buffer);
     g_test_add_func("/uring/eager-reads", test_eager_reads);
+    g_test_add_func("/uring/eager-writes", test_eager_writes);
     ret = g_test_run();
     close(sock_fd);
     close(file_fd);
