@@ -149,6 +149,12 @@ static void uring_queue_link(AioUring *u, AioUringLink *l)
         u->queued++;
         if (!l->cmd && OP_OF(l)->eager) {
             uring_submit(u);
+            if (!u->queued && !u->wait.head) {
+                /* nothing left for the bottom half (which would also
+                 * cost the loop a pass); uring_submit reschedules it
+                 * for a heavy command it held back */
+                return;
+            }
         }
     } else {
         list_push(&u->wait, l);
@@ -386,6 +392,20 @@ static int coroutine_fn uring_co_run(AioUring *u, UringOp *op)
     return op->ret;
 }
 
+/*
+ * Does @iov lie inside the registered buffer?  A transfer there needs no
+ * page pinning (the kernel pinned it once); a short one continues in it.
+ */
+static bool uring_in_fixed(AioUring *u, const struct iovec *iov)
+{
+    char *base = iov->iov_base;
+
+    if (!u->fixed || base < u->fixed || iov->iov_len > u->fixed_len) {
+        return false;
+    }
+    return (size_t)(base - u->fixed) <= u->fixed_len - iov->iov_len;
+}
+
 int coroutine_fn aio_uring_co_rw(AioUring *u, bool write, int fd,
                                  struct iovec *iov, int niov, int64_t offset,
                                  int64_t len, int rwflags)
@@ -412,14 +432,7 @@ int coroutine_fn aio_uring_co_rw(AioUring *u, bool write, int fd,
             write ? len >= URING_EAGER_WRITE : aio_context_has_idle(u->ctx),
     };
 
-    /*
-     * A transfer within the registered buffer needs no page pinning
-     * (the kernel pinned it once); a short one continues in it.
-     */
-    op.fixed = niov == 1 && u->fixed && (char *)iov->iov_base >= u->fixed &&
-               iov->iov_len <= u->fixed_len &&
-               (size_t)((char *)iov->iov_base - u->fixed) <=
-                   u->fixed_len - iov->iov_len;
+    op.fixed = niov == 1 && uring_in_fixed(u, iov);
     return uring_co_run(u, &op);
 }
 

@@ -16,7 +16,9 @@
  *
  * A read goes to the kernel when it is queued while the loop has idle
  * time, and with the loop's batch while it is busy: a read of a cached
- * file is done inside io_uring_enter, so its buffer shows which.
+ * file is done inside io_uring_enter, so its buffer shows which.  A
+ * write goes when queued if it is large, busy or idle, and with the
+ * batch otherwise.
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -165,14 +167,33 @@ static void coroutine_fn co_rw(void *opaque)
     pending--;
 }
 
+/* Start @j; it runs until it waits for the ring. */
+static void start_rw(RwJob *j)
+{
+    pending++;
+    co_enter(co_create(co_rw, j));
+}
+
 static int run_rw(bool write, int fd, void *buf, size_t len)
 {
     RwJob j = {write, fd, buf, len, 1};
 
-    pending++;
-    co_enter(co_create(co_rw, &j));
+    start_rw(&j);
     run_until_done();
     return j.ret;
+}
+
+/* A new temporary file, already unlinked. */
+static int open_tmp(void)
+{
+    char *path = NULL;
+    GError *err = NULL;
+    int fd = g_file_open_tmp("test-uring-XXXXXX", &path, &err);
+
+    g_assert_no_error(err);
+    g_unlink(path);
+    g_free(path);
+    return fd;
 }
 
 /*
@@ -186,8 +207,7 @@ static void test_fixed_buffer(void)
     size_t size = 16 * 4096;
     char *reg = mmap(NULL, size, PROT_READ | PROT_WRITE,
                      MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    char *path = NULL, *other = g_malloc0(4096), back[4096];
-    GError *err = NULL;
+    char *other = g_malloc0(4096), back[4096];
     int out_fd;
 
     g_assert_true(reg != MAP_FAILED);
@@ -196,10 +216,7 @@ static void test_fixed_buffer(void)
     g_assert_cmpint(aio_uring_register_buf(ring, reg, size), ==, -EBUSY);
 
     /* a write from the registered buffer carries its data */
-    out_fd = g_file_open_tmp("test-uring-XXXXXX", &path, &err);
-    g_assert_no_error(err);
-    g_unlink(path);
-    g_free(path);
+    out_fd = open_tmp();
     memset(reg + 4096, 'w', 4096);
     g_assert_cmpint(run_rw(true, out_fd, reg + 4096, 4096), ==, 0);
     g_assert_cmpint(pread(out_fd, back, sizeof(back), 0), ==, sizeof(back));
@@ -259,8 +276,7 @@ static bool read_done_when_queued(char *buf)
     bool done;
 
     memset(buf, 0, 4096);
-    pending++;
-    co_enter(co_create(co_rw, &j));
+    start_rw(&j);
     done = buf[0] == 'x';
     run_until_done();
     g_assert_cmpint(j.ret, ==, 0);
@@ -290,8 +306,7 @@ static bool write_submitted_when_queued(int fd, char *buf, size_t len)
     RwJob j = {true, fd, buf, len, 1};
     bool submitted;
 
-    pending++;
-    co_enter(co_create(co_rw, &j));
+    start_rw(&j);
     submitted = aio_uring_pending(ring) == 0;
     run_until_done();
     g_assert_cmpint(j.ret, ==, 0);
@@ -302,13 +317,8 @@ static void test_eager_writes(void)
 {
     size_t len = 64 * 1024;
     char *buf = g_malloc(len), *back = g_malloc(len);
-    char *path = NULL;
-    GError *err = NULL;
-    int fd = g_file_open_tmp("test-uring-w-XXXXXX", &path, &err);
+    int fd = open_tmp();
 
-    g_assert_no_error(err);
-    g_unlink(path);
-    g_free(path);
     memset(buf, 'L', len);
     /* a large write goes at once, even from a busy loop */
     busy_for(3);
@@ -335,14 +345,9 @@ static void open_fixtures(void)
 {
     struct sockaddr_in addr = {.sin_family = AF_INET};
     socklen_t len = sizeof(addr);
-    char *path = NULL;
     char data[4096];
-    GError *err = NULL;
 
-    file_fd = g_file_open_tmp("test-uring-XXXXXX", &path, &err);
-    g_assert_no_error(err);
-    g_unlink(path);
-    g_free(path);
+    file_fd = open_tmp();
     memset(data, 'x', sizeof(data));
     g_assert_cmpint(write(file_fd, data, sizeof(data)), ==, sizeof(data));
 
