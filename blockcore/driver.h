@@ -279,7 +279,7 @@ struct BlockDriverState {
     BdrvTrackedList tracked_requests;
     int in_flight;
     int serialising_in_flight;
-    uint64_t write_gen;   /* bumped by every write */
+    uint64_t write_gen;   /* bumped as each write completes */
     uint64_t flushed_gen; /* write_gen at the last completed flush */
     bool flush_running;
     CoQueue flush_queue;

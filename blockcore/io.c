@@ -246,16 +246,24 @@ static int coroutine_fn bdrv_aligned_pwritev(BlockDriverState *bs,
     int64_t done;
     int ret = 0;
 
-    bs->write_gen++;
     for (done = 0; done < bytes;) {
         int64_t n = bytes - done < max ? bytes - done : max;
 
         ret = bs->drv->co_pwritev(bs, offset + done, n, qiov, qoff + done,
                                   native);
         if (ret < 0) {
-            return ret;
+            break;
         }
         done += n;
+    }
+    /*
+     * Only now: a flush that started while this write was in flight
+     * must not count it as flushed (bdrv_co_flush).  A failed write
+     * counts too, part of it may be in a cache.
+     */
+    bs->write_gen++;
+    if (ret < 0) {
+        return ret;
     }
     if (bs->drv->is_protocol && offset + bytes > bs->total_bytes) {
         bs->total_bytes = offset + bytes;
@@ -430,7 +438,6 @@ static int coroutine_fn bdrv_co_pwrite_zeroes_aligned(BlockDriverState *bs,
 
     tracked_request_begin(&req, bs, offset, bytes, BDRV_REQ_TYPE_ZERO);
     wait_serialising_requests(&req);
-    bs->write_gen++;
 
     if (bs->drv->co_pwrite_zeroes) {
         int64_t max =
@@ -452,6 +459,7 @@ static int coroutine_fn bdrv_co_pwrite_zeroes_aligned(BlockDriverState *bs,
             }
             done += n;
         }
+        bs->write_gen++; /* when done, as in bdrv_aligned_pwritev */
     }
     if (ret == -ENOTSUP && !(flags & BDRV_REQ_NO_FALLBACK)) {
         int64_t max = bdrv_max_transfer(bs);
@@ -564,7 +572,6 @@ int coroutine_fn bdrv_co_pdiscard(BdrvChild *child, int64_t offset,
 
     tracked_request_begin(&req, bs, start, end - start, BDRV_REQ_TYPE_DISCARD);
     wait_serialising_requests(&req);
-    bs->write_gen++;
     while (start < end) {
         int64_t n = end - start < max ? end - start : max;
 
@@ -574,6 +581,7 @@ int coroutine_fn bdrv_co_pdiscard(BdrvChild *child, int64_t offset,
         }
         start += n;
     }
+    bs->write_gen++; /* when done, as in bdrv_aligned_pwritev */
     tracked_request_end(&req);
     return ret;
 }
@@ -651,8 +659,8 @@ int coroutine_fn bdrv_co_truncate(BdrvChild *child, int64_t offset, bool exact,
     tracked_request_set_serialising(&req, 1);
     wait_serialising_requests(&req);
 
-    bs->write_gen++;
     ret = bs->drv->co_truncate(bs, offset, exact, prealloc, errp);
+    bs->write_gen++; /* when done, as in bdrv_aligned_pwritev */
     if (ret == 0) {
         int64_t len =
             bs->drv->co_getlength ? bs->drv->co_getlength(bs) : offset;
