@@ -362,6 +362,17 @@ int coroutine_fn bdrv_co_pwritev(BdrvChild *child, int64_t offset,
         tracked_request_set_serialising(&req, align);
     }
     wait_serialising_requests(&req);
+    /*
+     * Padding past the end of a protocol node is cut off again after the
+     * write (bdrv_co_pwritev_rmw): a write further out that ran meanwhile
+     * would be cut off with it, so this one serialises up to the end.
+     */
+    if (req.serialising && bs->drv->is_protocol &&
+        req.overlap_offset + req.overlap_bytes > bs->total_bytes &&
+        req.overlap_bytes < INT64_MAX - req.overlap_offset) {
+        req.overlap_bytes = INT64_MAX - req.overlap_offset;
+        wait_serialising_requests(&req);
+    }
     if (bdrv_request_aligned(bs, offset, bytes, qiov, qiov_offset)) {
         ret = bdrv_aligned_pwritev(bs, offset, bytes, qiov, qiov_offset, flags);
     } else {
