@@ -185,6 +185,7 @@ static void uring_fill(AioUring *u, AioUringList *list, unsigned max)
 
 static void uring_submit(AioUring *u)
 {
+    bool refused = false;
     int ret;
 
     uring_fill(u, &u->wait, UINT_MAX);
@@ -199,15 +200,24 @@ static void uring_submit(AioUring *u)
     if (u->queued) {
         ret = io_uring_submit(&u->ring);
         if (ret >= 0) {
-            u->queued -= ret < (int)u->queued ? ret : (int)u->queued;
-        } else if (ret != -EAGAIN && ret != -EBUSY && ret != -EINTR) {
+            /* the kernel stops at an entry it cannot take; the rest wait */
+            refused = ret < (int)u->queued;
+            u->queued -= refused ? ret : (int)u->queued;
+        } else if (ret == -EAGAIN || ret == -EBUSY || ret == -EINTR) {
+            refused = true;
+        } else {
             log_error("io_uring submit: %s", strerror(-ret));
         }
     }
-    if (u->heavy.head) {
+    /*
+     * Left behind: a heavy command (one per pass), links that did not fit
+     * the submission queue, or entries the kernel did not take this time
+     * (EAGAIN, EBUSY: completions free its resources).  Nothing else may
+     * come to submit them, so the next pass does.
+     */
+    if (u->heavy.head || u->wait.head || refused) {
         aio_bh_schedule(u->submit_bh);
     }
-    /* Anything else left goes out with the next completion or iteration. */
 }
 
 static void uring_submit_bh(void *opaque)

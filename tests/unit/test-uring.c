@@ -19,6 +19,9 @@
  * file is done inside io_uring_enter, so its buffer shows which.  A
  * write goes when queued if it is large, busy or idle, and with the
  * batch otherwise.
+ *
+ * Operations beyond the submission queue's size wait their turn and go
+ * out without any new request to push them.
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -341,6 +344,36 @@ static void test_eager_writes(void)
     g_free(buf);
 }
 
+/*
+ * More operations than the submission queue holds, queued in one go:
+ * those on the wait list go out in later passes of the loop, with no
+ * new request to push them.
+ */
+static void test_overflow(void)
+{
+    enum { N = 300 }; /* > URING_ENTRIES */
+    RwJob *jobs = g_new0(RwJob, N);
+    char *buf = g_malloc0(4096);
+    int64_t deadline = aio_clock_ns() + 5 * INT64_C(1000000000);
+    int fd = open_tmp(), i;
+
+    for (i = 0; i < N; i++) {
+        jobs[i] = (RwJob){true, fd, buf, 4096, 1};
+        start_rw(&jobs[i]);
+    }
+    /* not aio_poll(ctx, true): a stall would hang the test */
+    while (pending && aio_clock_ns() < deadline) {
+        aio_poll(ctx, false);
+    }
+    g_assert_cmpint(pending, ==, 0);
+    for (i = 0; i < N; i++) {
+        g_assert_cmpint(jobs[i].ret, ==, 0);
+    }
+    close(fd);
+    g_free(buf);
+    g_free(jobs);
+}
+
 static void open_fixtures(void)
 {
     struct sockaddr_in addr = {.sin_family = AF_INET};
@@ -383,6 +416,7 @@ int main(int argc, char **argv)
     g_test_add_func("/uring/fixed-buffer", test_fixed_buffer);
     g_test_add_func("/uring/eager-reads", test_eager_reads);
     g_test_add_func("/uring/eager-writes", test_eager_writes);
+    g_test_add_func("/uring/overflow", test_overflow);
     ret = g_test_run();
     close(sock_fd);
     close(file_fd);
