@@ -113,7 +113,12 @@ static void laio_submit(LinuxAio *la)
             int err = errno;
 
             if (err == EAGAIN || err == EINTR) {
-                return; /* retried on the next completion */
+                /* retried on the next completion, or the next pass if
+                 * none is coming */
+                if (la->inflight == 0) {
+                    aio_bh_schedule(la->submit_bh);
+                }
+                return;
             }
             /* Fail the first request; the rest are retried. */
             op = la->queue_head;
