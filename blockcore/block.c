@@ -92,7 +92,8 @@ static void bdrv_refresh_limits(BlockDriverState *bs)
     if (bs->drv->refresh_limits) {
         bs->drv->refresh_limits(bs, &bl);
     }
-    if (!bl.request_alignment || !is_power_of_2(bl.request_alignment)) {
+    if (!bl.request_alignment || !is_power_of_2(bl.request_alignment) ||
+        bl.request_alignment > BDRV_MAX_ALIGNMENT) {
         bl.request_alignment = 1;
     }
     if (bl.opt_mem_alignment < bl.min_mem_alignment) {

@@ -41,6 +41,13 @@
 #include "options.h"
 #include "util.h"
 
+/*
+ * No request reaches past BDRV_MAX_LENGTH, so that rounding any request
+ * out to an alignment (at most BDRV_MAX_ALIGNMENT) cannot overflow.
+ */
+#define BDRV_MAX_ALIGNMENT GiB
+#define BDRV_MAX_LENGTH ALIGN_DOWN(INT64_MAX, BDRV_MAX_ALIGNMENT)
+
 typedef struct BlockDriver BlockDriver;
 typedef struct BlockDriverState BlockDriverState;
 typedef struct BdrvChild BdrvChild;

@@ -128,7 +128,8 @@ static void coroutine_fn wait_serialising_requests(BdrvTrackedRequest *self)
 
 static int bdrv_check_range(int64_t offset, int64_t bytes)
 {
-    if (offset < 0 || bytes < 0 || offset > INT64_MAX - bytes) {
+    if (offset < 0 || bytes < 0 || bytes > BDRV_MAX_LENGTH ||
+        offset > BDRV_MAX_LENGTH - bytes) {
         return -EINVAL;
     }
     return 0;
@@ -646,9 +647,9 @@ int coroutine_fn bdrv_co_truncate(BdrvChild *child, int64_t offset, bool exact,
     int64_t start;
     int ret;
 
-    if (offset < 0) {
+    if (offset < 0 || offset > BDRV_MAX_LENGTH) {
         g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,
-                    "negative size %" PRId64, offset);
+                    "size %" PRId64 " out of range", offset);
         return -EINVAL;
     }
     if (!bs->drv) {

@@ -440,6 +440,32 @@ static void coroutine_fn co_past_end(void *opaque)
     g_assert_cmpint(buf[4095], ==, 0);
 }
 
+/* Requests near INT64_MAX are refused before any rounding can overflow. */
+static void coroutine_fn co_huge_offsets(void *opaque)
+{
+    Fixture *f = opaque;
+    uint8_t buf[16] = {0};
+
+    g_assert_cmpint(bdrv_co_pread(f->child, INT64_MAX - 10, 5, buf, 0), ==,
+                    -EINVAL);
+    g_assert_cmpint(bdrv_co_pwrite(f->child, INT64_MAX - 10, 5, buf, 0), ==,
+                    -EINVAL);
+    g_assert_cmpint(
+        bdrv_co_pwrite(f->child, BDRV_MAX_LENGTH - 512, 1024, buf, 0), ==,
+        -EINVAL);
+    g_assert_cmpint(bdrv_co_pread(f->child, 0, INT64_MAX, buf, 0), ==, -EINVAL);
+}
+
+static void test_huge_offsets(void)
+{
+    Fixture f;
+
+    fixture_open(&f, "4096", "512", "1", NULL);
+    aio_co_run_sync(ctx, co_huge_offsets, &f);
+    g_assert_cmpint(f.s->calls, ==, 0);
+    fixture_close(&f);
+}
+
 static void test_read_past_end(void)
 {
     Fixture f;
@@ -513,6 +539,7 @@ int main(int argc, char **argv)
     g_test_add_func("/io/max-transfer", test_max_transfer);
     g_test_add_func("/io/write-zeroes", test_write_zeroes);
     g_test_add_func("/io/read-past-end", test_read_past_end);
+    g_test_add_func("/io/huge-offsets", test_huge_offsets);
     g_test_add_func("/io/flush-generations", test_flush_generations);
     ret = g_test_run();
     thread_pool_shutdown();
