@@ -349,11 +349,11 @@ static bool aio_bh_poll(AioContext *ctx)
         pthread_mutex_unlock(&ctx->lock);
         if (deleted) {
             g_free(bh);
-        } else {
+        } else if (bh->oneshot) {
             bh->cb(bh->opaque);
-            if (bh->oneshot) {
-                g_free(bh);
-            }
+            g_free(bh);
+        } else {
+            bh->cb(bh->opaque); /* may aio_bh_delete() it: not used after */
         }
         progress = true;
         bh = next;
