@@ -118,7 +118,18 @@ int coroutine_fn thread_pool_co_run(ThreadPoolFunc *fn, void *opaque)
         if (pthread_create(&t, &attr, pool_worker, NULL) == 0) {
             pool.workers++;
         } else if (pool.workers == 0) {
-            log_error("cannot start a worker thread");
+            /*
+             * No thread would ever take the job: run it here, blocking
+             * this event loop, rather than never.  Every job queued
+             * before it was started the same way, so it is alone.
+             */
+            pthread_attr_destroy(&attr);
+            assert(pool.head == &job);
+            pool.head = pool.tail = NULL;
+            pthread_mutex_unlock(&pool.lock);
+            log_warning("cannot start a worker thread: running a blocking "
+                        "job in the event loop");
+            return fn(opaque);
         }
         pthread_attr_destroy(&attr);
     }
