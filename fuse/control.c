@@ -149,7 +149,13 @@ static void control_handle(IfsControl *ctl, const char *line, GString *out)
     } else if (!strcmp(cmd, "status")) {
         control_status(ctl, out);
     } else if (!strcmp(cmd, "resume")) {
-        control_resume(ctl, json_get_str(req, "drive", NULL), out);
+        const JsonValue *drive = json_get(req, "drive");
+
+        if (drive && drive->type != JSON_STRING) {
+            control_error(out, "\"drive\" must be a drive's name (a string)");
+        } else {
+            control_resume(ctl, json_get_str(req, "drive", NULL), out);
+        }
     } else if (!strcmp(cmd, "reload")) {
         g_autoptr(GString) report = g_string_new(NULL);
 

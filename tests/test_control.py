@@ -212,6 +212,9 @@ def test_json_lines_client(imgfs, tmp_path):
         assert "error" in ask('{"no": "command"}')
         reply = ask('{"command": "resume", "drive": "nosuchdrive"}')
         assert "no such drive" in reply["error"]
+        # a drive that is not a name is an error, not "every drive"
+        reply = ask('{"command": "resume", "drive": 5}')
+        assert "must be a drive's name" in reply["error"]
         # still answering on the same connection
         reply = ask('{"command": "resume"}')
         assert reply["return"]["resumed"] == []
