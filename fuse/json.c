@@ -341,8 +341,10 @@ void json_write(const JsonValue *v, GString *out)
     case JSON_NUMBER: {
         char buf[G_ASCII_DTOSTR_BUF_SIZE];
 
-        if (v->number == (double)(int64_t)v->number && v->number > -9e15 &&
-            v->number < 9e15) {
+        /* range first: converting a double out of int64_t's range is
+         * undefined */
+        if (v->number > -9e15 && v->number < 9e15 &&
+            v->number == (double)(int64_t)v->number) {
             g_string_append_printf(out, "%" G_GINT64_FORMAT, (gint64)v->number);
         } else {
             g_string_append(out, g_ascii_dtostr(buf, sizeof(buf), v->number));
