@@ -376,3 +376,22 @@ def test_size_not_multiple_of_512(imgfs, tmp_path):
     assert mount.unmount() == 0
     assert os.stat(image).st_size == size
     assert read_at(image, size - 100, 100) == new
+
+
+def test_o_trunc_is_ignored(imgfs, tmp_path):
+    """dd of=DRIVE without conv=notrunc opens with O_TRUNC: like a block
+    device, the drive keeps its size and dd overwrites it in place."""
+    size = 16 * MiB
+    image = patterned_image(tmp_path / "disk0.img", size)
+    backup = random_image(tmp_path / "backup.raw", size)
+    mount = imgfs(raw_drive(image))
+    run("dd", f"if={backup}", f"of={mount.drive()}", "bs=64k", "status=none")
+    assert os.stat(mount.drive()).st_size == size
+    run("cmp", backup, mount.drive())
+    # an O_TRUNC open that writes nothing changes nothing either
+    os.close(os.open(mount.drive(), os.O_WRONLY | os.O_TRUNC))
+    assert os.stat(mount.drive()).st_size == size
+    run("cmp", backup, mount.drive())
+    assert mount.unmount() == 0
+    assert os.stat(image).st_size == size
+    run("cmp", backup, image)
