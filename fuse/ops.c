@@ -815,12 +815,21 @@ static void ifs_op_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name,
     }
 }
 
+/*
+ * size 0 asks for the length of the list (cp -a, libattr), and the kernel
+ * wants that answer in a fuse_getxattr_out: an empty buffer instead gave
+ * EIO over /dev/fuse and EINVAL over io_uring.
+ */
 static void ifs_op_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size)
 {
     static const char names[] = IFS_CONTROL_XATTR;
 
     if (ino != IFS_ROOT_INO) {
-        fuse_reply_buf(req, NULL, 0);
+        if (size == 0) {
+            fuse_reply_xattr(req, 0);
+        } else {
+            fuse_reply_buf(req, NULL, 0);
+        }
     } else if (size == 0) {
         fuse_reply_xattr(req, sizeof(names));
     } else if (size < sizeof(names)) {

@@ -4,6 +4,8 @@ The oracles are cmp, `qemu-img compare`, qemu-io and the image file itself
 read after the daemon has gone.
 """
 
+import ctypes
+import ctypes.util
 import errno
 import mmap
 import os
@@ -395,3 +397,31 @@ def test_o_trunc_is_ignored(imgfs, tmp_path):
     assert mount.unmount() == 0
     assert os.stat(image).st_size == size
     run("cmp", backup, image)
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.listxattr.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t]
+_libc.listxattr.restype = ctypes.c_ssize_t
+
+
+def listxattr_size(path):
+    """listxattr(PATH, NULL, 0): the size of the name list (what cp -a and
+    libattr ask first; os.listxattr passes a buffer straight away)."""
+    n = _libc.listxattr(os.fsencode(path), None, 0)
+    if n < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(path))
+    return n
+
+
+@pytest.mark.parametrize("uring", ["off", "auto"], ids=["dev-fuse", "auto"])
+def test_listxattr_of_drive(imgfs, tmp_path, uring):
+    """A drive has no extended attributes: the size query answers 0, so
+    `cp -a` copies the drive."""
+    image = patterned_image(tmp_path / "disk0.img", 8 * MiB)
+    mount = imgfs(raw_drive(image), settings={"fuse-uring": uring})
+    assert listxattr_size(mount.drive()) == 0
+    assert os.listxattr(mount.drive()) == []
+    copy = tmp_path / "copy.img"
+    run("cp", "-a", mount.drive(), copy)
+    run("cmp", copy, image)
