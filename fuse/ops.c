@@ -590,7 +590,10 @@ static void coroutine_fn ifs_co_setattr(void *opaque)
     IfsMount *m = r->mount;
     struct stat st;
 
-    if (r->to_set & FUSE_SET_ATTR_SIZE) {
+    /* truncate to the current size is a no-op on a file: so it is on a
+     * drive that cannot be resized (a raw slice, a block device). */
+    if ((r->to_set & FUSE_SET_ATTR_SIZE) &&
+        r->attr.st_size != blk_getlength(r->drive->blk)) {
         int ret = ifs_co_grow(r, r->attr.st_size);
 
         if (ret < 0) {

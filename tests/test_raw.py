@@ -425,3 +425,24 @@ def test_listxattr_of_drive(imgfs, tmp_path, uring):
     copy = tmp_path / "copy.img"
     run("cp", "-a", mount.drive(), copy)
     run("cmp", copy, image)
+
+
+def test_truncate_to_same_size_on_slice(imgfs, tmp_path):
+    """A drive that cannot be resized accepts a truncate to its own size,
+    as a file does (a no-op), and refuses only a real change."""
+    image = patterned_image(tmp_path / "disk0.img")
+    mount = imgfs(raw_drive(image, **{"raw.size": "16M"}))
+    before = sha256(mount.drive())
+    run("truncate", "-s", str(16 * MiB), mount.drive())
+    fd = os.open(mount.drive(), os.O_RDWR)
+    try:
+        os.ftruncate(fd, 16 * MiB)
+        with pytest.raises(OSError) as err:
+            os.ftruncate(fd, 16 * MiB - 4096)
+        assert err.value.errno in (errno.EPERM, errno.ENOTSUP)
+    finally:
+        os.close(fd)
+    assert os.stat(mount.drive()).st_size == 16 * MiB
+    assert sha256(mount.drive()) == before
+    assert mount.unmount() == 0
+    assert os.stat(image).st_size == SIZE
