@@ -106,6 +106,21 @@ static bool config_scan(const char *path, const char *text, ConfigLines *cl,
         }
         *eq = '\0';
         g_strstrip(l);
+        /*
+         * GKeyFile reads "key[locale]" as a translation of "key" and, by
+         * the process's locale, keeps it or drops it without a word: no
+         * imgfs key has a '[', so such a line is an unknown key.
+         */
+        if (strchr(l, '[')) {
+            if (!strcmp(group, IFS_GLOBAL_GROUP)) {
+                config_error(errp, path, i + 1, "[%s]: unknown key '%s'", group,
+                             l);
+            } else {
+                config_error(errp, path, i + 1, "drive '%s': unknown key '%s'",
+                             group, l);
+            }
+            return false;
+        }
         {
             g_autofree char *k = g_strdup_printf("%s\n%s", group, l);
 

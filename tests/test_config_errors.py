@@ -330,3 +330,28 @@ def test_bad_control_path(imgfs_bin, setup, value):
     msg = mount_fails(imgfs_bin, write(text), mnt)
     assert "key 'control'" in msg
     assert os.listdir(mnt) == []
+
+
+# -- what GKeyFile would otherwise read differently from the scanner --
+
+
+@pytest.mark.parametrize(
+    "text, line, where",
+    [
+        (DISK0 + "read-only[de] = on\n", 3, "drive 'disk0'"),
+        (DISK0 + "cache[C] = none\n", 3, "drive 'disk0'"),
+        ("[imgfs]\ncache[de] = none\n\n" + DISK0, 2, "[imgfs]"),
+    ],
+    ids=["drive", "drive-C", "global"],
+)
+def test_locale_suffixed_key(imgfs_bin, setup, text, line, where):
+    """GKeyFile reads `key[locale]` as a translation and drops those of
+    other locales: such a key would be ignored without a word."""
+    write, mnt = setup
+    config = write(text)
+    msg = mount_fails(imgfs_bin, config, mnt)
+    key = text.splitlines()[line - 1].split("=")[0].strip()
+    assert f"{config}:{line}: " in msg
+    assert f"unknown key '{key}'" in msg
+    assert where in msg
+    assert os.listdir(mnt) == []
