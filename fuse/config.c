@@ -141,6 +141,32 @@ static bool config_scan(const char *path, const char *text, ConfigLines *cl,
     return true;
 }
 
+/*
+ * ';' starts a comment line in most INI dialects and for config_scan(),
+ * but GKeyFile knows only '#' and fails on such a line (with no line
+ * number) or reads "; key = value" as a key.  Turn those lines into '#'
+ * comments in place, so GKeyFile reads them as comments and the line
+ * numbers stay as written.
+ */
+static void config_semicolon_comments(char *text)
+{
+    char *p = text;
+
+    while (*p) {
+        while (*p != '\n' && g_ascii_isspace(*p)) {
+            p++;
+        }
+        if (*p == ';') {
+            *p = '#';
+        }
+        p = strchr(p, '\n');
+        if (!p) {
+            break;
+        }
+        p++;
+    }
+}
+
 static int config_key_line(ConfigLines *cl, const char *group, const char *key)
 {
     g_autofree char *k = g_strdup_printf("%s\n%s", group, key);
@@ -430,6 +456,7 @@ IfsConfig *ifs_config_load(const char *path, GError **errp)
     cfg->dir = g_path_get_dirname(abs);
     cfg->abs_path = g_strdup(abs);
 
+    config_semicolon_comments(text);
     if (!config_scan(path, text, &cl, errp)) {
         goto fail;
     }
