@@ -85,3 +85,36 @@ def test_fuse_option_ro(imgfs, tmp_path):
     assert mount.unmount() == 0
     assert not is_mounted(mount.path)
     assert sha256(image) == before
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["mount", "-x", "c.ini", "mnt"], "mount: unknown option '-x'"),
+        (["mount", "-fx", "c.ini", "mnt"], "mount: unknown option '-x'"),
+        (["mount", "--bogus", "c.ini", "mnt"],
+         "mount: unknown option '--bogus'"),
+        (["mount", "--bogus=1", "c.ini", "mnt"],
+         "mount: unknown option '--bogus'"),
+        (["mount", "--foreground=1", "c.ini", "mnt"],
+         "mount: option '--foreground' takes no argument"),
+        (["mount", "-o"],
+         "mount: option '-o' needs an argument"),
+        (["info", "-x", "disk.img"], "info: unknown option '-x'"),
+        (["info", "--format"],
+         "info: option '--format' needs an argument"),
+    ],
+    ids=["mount-short", "mount-cluster", "mount-long", "mount-long-value",
+         "mount-no-argument-allowed", "mount-no-argument", "info-short",
+         "info-no-argument"],
+)
+def test_unknown_option_one_line(imgfs_bin, args, message):
+    """getopt's own two lines ("invalid option -- 'x'", then "Try ...")
+    become one, in imgfs's form."""
+    proc = imgfs_cmd(imgfs_bin, *args)
+    assert proc.returncode == 2
+    assert error_lines(proc.stderr) == [
+        f"imgfs: {message} (try 'imgfs --help')"
+    ], proc.stderr
+    assert proc.stdout == ""
+
