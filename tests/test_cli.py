@@ -13,7 +13,9 @@ from conftest import (
     error_lines,
     fill,
     is_mounted,
+    require_root,
     sha256,
+    unmount,
 )
 
 
@@ -118,3 +120,35 @@ def test_unknown_option_one_line(imgfs_bin, args, message):
     ], proc.stderr
     assert proc.stdout == ""
 
+
+@pytest.mark.parametrize(
+    "option, says",
+    [
+        ("bogus_opt", "-o: unknown option(s): `-o bogus_opt'"),
+        ("max_read=abc", "-o: invalid parameter in option `max_read=abc'"),
+        # libfuse accepts it, the kernel refuses it for a non-block mount
+        ("blksize=4096", "cannot mount on '{mnt}': fuse: mount failed: "
+                         "Invalid argument"),
+    ],
+    ids=["unknown", "bad-value", "kernel-refuses"],
+)
+def test_bad_fuse_option_one_line(imgfs_bin, tmp_path, option, says):
+    """libfuse's complaint and imgfs's error come as one line."""
+    if option.startswith("blksize"):
+        # as a user, fusermount3 mounts and prints its own message
+        require_root("mount(2) without fusermount3")
+    image = create_image(tmp_path / "disk0.img", MiB)
+    config = tmp_path / "c.ini"
+    config.write_text(f"[disk0]\nfile = {image}\nformat = raw\n")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    proc = imgfs_cmd(imgfs_bin, "mount", "-o", option, config, mnt)
+    mounted = is_mounted(mnt)
+    if mounted:
+        unmount(mnt, lazy=True)
+    assert proc.returncode != 0
+    assert not mounted
+    assert error_lines(proc.stderr) == [
+        "imgfs: " + says.format(mnt=os.path.realpath(mnt))
+    ], proc.stderr
+    assert os.listdir(mnt) == []
