@@ -106,6 +106,21 @@ static bool config_scan(const char *path, const char *text, ConfigLines *cl,
         }
         *eq = '\0';
         g_strstrip(l);
+        /*
+         * GKeyFile reads "key[locale]" as a translation of "key" and, by
+         * the process's locale, keeps it or drops it without a word: no
+         * imgfs key has a '[', so such a line is an unknown key.
+         */
+        if (strchr(l, '[')) {
+            if (!strcmp(group, IFS_GLOBAL_GROUP)) {
+                config_error(errp, path, i + 1, "[%s]: unknown key '%s'", group,
+                             l);
+            } else {
+                config_error(errp, path, i + 1, "drive '%s': unknown key '%s'",
+                             group, l);
+            }
+            return false;
+        }
         {
             g_autofree char *k = g_strdup_printf("%s\n%s", group, l);
 
@@ -124,6 +139,32 @@ static bool config_scan(const char *path, const char *text, ConfigLines *cl,
         }
     }
     return true;
+}
+
+/*
+ * ';' starts a comment line in most INI dialects and for config_scan(),
+ * but GKeyFile knows only '#' and fails on such a line (with no line
+ * number) or reads "; key = value" as a key.  Turn those lines into '#'
+ * comments in place, so GKeyFile reads them as comments and the line
+ * numbers stay as written.
+ */
+static void config_semicolon_comments(char *text)
+{
+    char *p = text;
+
+    while (*p) {
+        while (*p != '\n' && g_ascii_isspace(*p)) {
+            p++;
+        }
+        if (*p == ';') {
+            *p = '#';
+        }
+        p = strchr(p, '\n');
+        if (!p) {
+            break;
+        }
+        p++;
+    }
 }
 
 static int config_key_line(ConfigLines *cl, const char *group, const char *key)
@@ -415,6 +456,7 @@ IfsConfig *ifs_config_load(const char *path, GError **errp)
     cfg->dir = g_path_get_dirname(abs);
     cfg->abs_path = g_strdup(abs);
 
+    config_semicolon_comments(text);
     if (!config_scan(path, text, &cl, errp)) {
         goto fail;
     }

@@ -70,6 +70,47 @@ static void version(void)
 #endif
 }
 
+/*
+ * An option getopt_long() refused (opterr = 0, optstring "+:..."): one
+ * line in imgfs's form instead of getopt's own message plus a hint.
+ * Returns the exit status.
+ */
+static int bad_option(const char *cmd, const struct option *longopts, int c,
+                      char **argv)
+{
+    const char *arg = argv[optind - 1];
+    g_autofree char *name = g_strndup(arg, strcspn(arg, "="));
+
+    if (c == ':') {
+        if (g_str_has_prefix(arg, "--")) {
+            log_error("%s: option '%s' needs an argument (try 'imgfs --help')",
+                      cmd, name);
+        } else {
+            log_error("%s: option '-%c' needs an argument (try 'imgfs --help')",
+                      cmd, optopt);
+        }
+        return 2;
+    }
+    /* "--foreground=1" sets optopt to the option's letter too; a letter
+     * refused in a cluster ("-fx") leaves argv[optind - 1] elsewhere. */
+    if (optopt && g_str_has_prefix(arg, "--") && strchr(arg, '=')) {
+        for (const struct option *o = longopts; o->name; o++) {
+            if (o->val == optopt && g_str_has_prefix(o->name, name + 2)) {
+                log_error("%s: option '--%s' takes no argument (try "
+                          "'imgfs --help')",
+                          cmd, o->name);
+                return 2;
+            }
+        }
+    }
+    if (optopt) {
+        log_error("%s: unknown option '-%c' (try 'imgfs --help')", cmd, optopt);
+    } else {
+        log_error("%s: unknown option '%s' (try 'imgfs --help')", cmd, name);
+    }
+    return 2;
+}
+
 static int cmd_mount(int argc, char **argv)
 {
     static const struct option longopts[] = {
@@ -84,7 +125,8 @@ static int cmd_mount(int argc, char **argv)
     int c, status;
 
     optind = 1;
-    while ((c = getopt_long(argc, argv, "+fo:h", longopts, NULL)) != -1) {
+    opterr = 0;
+    while ((c = getopt_long(argc, argv, "+:fo:h", longopts, NULL)) != -1) {
         switch (c) {
         case 'f':
             foreground = true;
@@ -96,8 +138,7 @@ static int cmd_mount(int argc, char **argv)
             usage(stdout);
             return 0;
         default:
-            fprintf(stderr, "Try 'imgfs --help'.\n");
-            return 2;
+            return bad_option(argv[0], longopts, c, argv);
         }
     }
     if (argc - optind != 2) {
@@ -259,7 +300,8 @@ static int cmd_info(int argc, char **argv)
     int c;
 
     optind = 1;
-    while ((c = getopt_long(argc, argv, "+jF:h", longopts, NULL)) != -1) {
+    opterr = 0;
+    while ((c = getopt_long(argc, argv, "+:jF:h", longopts, NULL)) != -1) {
         switch (c) {
         case 'j':
             json = true;
@@ -271,8 +313,7 @@ static int cmd_info(int argc, char **argv)
             usage(stdout);
             return 0;
         default:
-            fprintf(stderr, "Try 'imgfs --help'.\n");
-            return 2;
+            return bad_option(argv[0], longopts, c, argv);
         }
     }
     if (argc - optind != 1) {

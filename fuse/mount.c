@@ -903,6 +903,43 @@ static ssize_t ifs_read(int fd, void *buf, size_t len, void *userdata)
     return read(fd, buf, len);
 }
 
+/*
+ * libfuse prints its own line ("fuse: unknown option(s): ...", "fuse:
+ * mount failed: ...") before imgfs reports the failure: two lines where
+ * the rule is one.  While the session is set up its errors are kept here
+ * and folded into imgfs's message; debug output (-o debug) goes to
+ * stderr as libfuse would print it.
+ */
+static GString *ifs_fuse_log;
+
+static void ifs_fuse_log_keep(enum fuse_log_level level, const char *fmt,
+                              va_list ap)
+{
+    if (level > FUSE_LOG_ERR) {
+        vfprintf(stderr, fmt, ap);
+        return;
+    }
+    /* one line may come in pieces: keep the raw text */
+    g_string_append_vprintf(ifs_fuse_log, fmt, ap);
+}
+
+/* What libfuse said since the last call, as one line ("" for nothing). */
+static char *ifs_fuse_log_take(void)
+{
+    g_auto(GStrv) lines = g_strsplit(ifs_fuse_log->str, "\n", -1);
+    g_autoptr(GString) out = g_string_new(NULL);
+    int i;
+
+    for (i = 0; lines[i]; i++) {
+        g_strstrip(lines[i]);
+        if (*lines[i]) {
+            g_string_append_printf(out, "%s%s", out->len ? "; " : "", lines[i]);
+        }
+    }
+    g_string_truncate(ifs_fuse_log, 0);
+    return g_string_free(g_steal_pointer(&out), FALSE);
+}
+
 static struct fuse_session *ifs_session_new(IfsMount *m, GError **errp)
 {
     /* Replies go through our writev so they reach the right queue. */
@@ -925,29 +962,52 @@ static struct fuse_session *ifs_session_new(IfsMount *m, GError **errp)
     args.argc = argv->len;
     args.argv = (char **)argv->pdata;
     args.allocated = 0;
+    ifs_fuse_log = g_string_new(NULL);
+    fuse_set_log_func(ifs_fuse_log_keep);
     se = fuse_session_new(&args, &ifs_ops, sizeof(ifs_ops), m);
     if (args.allocated) {
         /* libfuse rewrote the argument vector: its copy is ours to free */
         fuse_opt_free_args(&args);
     }
     if (!se) {
-        g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,
-                    "invalid FUSE options (-o)");
-        return NULL;
+        g_autofree char *said = ifs_fuse_log_take();
+        const char *why = g_str_has_prefix(said, "fuse: ") ? said + 6 : said;
+
+        if (*why) {
+            g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL, "-o: %s", why);
+        } else {
+            g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,
+                        "invalid FUSE options (-o)");
+        }
+        goto out;
     }
     if (fuse_session_mount(se, m->mountpoint) != 0) {
+        g_autofree char *said = ifs_fuse_log_take();
+
         g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_FAILED,
-                    "cannot mount on '%s'", m->mountpoint);
+                    "cannot mount on '%s'%s%s", m->mountpoint,
+                    *said ? ": " : "", said);
         fuse_session_destroy(se);
-        return NULL;
+        se = NULL;
+        goto out;
     }
     if (fuse_session_custom_io(se, &io, fuse_session_fd(se)) != 0) {
         g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_FAILED,
                     "cannot set up FUSE I/O");
         fuse_session_unmount(se);
         fuse_session_destroy(se);
-        return NULL;
+        se = NULL;
     }
+out:
+    if (se && ifs_fuse_log->len) {
+        /* a complaint that did not stop the mount, e.g. a warning */
+        g_autofree char *said = ifs_fuse_log_take();
+
+        log_warning("%s", said);
+    }
+    /* from here libfuse prints its messages itself again */
+    fuse_set_log_func(NULL);
+    g_string_free(g_steal_pointer(&ifs_fuse_log), TRUE);
     return se;
 }
 

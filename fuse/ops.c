@@ -213,9 +213,17 @@ static void ifs_op_init(void *userdata, struct fuse_conn_info *conn)
     if (conn->capable & FUSE_CAP_PARALLEL_DIROPS) {
         conn->want |= FUSE_CAP_PARALLEL_DIROPS;
     }
+    /*
+     * Without it the kernel turns open(O_TRUNC) into a setattr(size 0)
+     * before the open, and `dd of=DRIVE` (no conv=notrunc) would empty a
+     * resizable image and then fail with ENOSPC.  With it O_TRUNC comes
+     * to ifs_op_open(), which ignores it as a block device does.
+     */
+    if (conn->capable & FUSE_CAP_ATOMIC_O_TRUNC) {
+        conn->want |= FUSE_CAP_ATOMIC_O_TRUNC;
+    }
     conn->want &= ~(FUSE_CAP_WRITEBACK_CACHE | FUSE_CAP_SPLICE_READ |
-                    FUSE_CAP_SPLICE_WRITE | FUSE_CAP_SPLICE_MOVE |
-                    FUSE_CAP_ATOMIC_O_TRUNC);
+                    FUSE_CAP_SPLICE_WRITE | FUSE_CAP_SPLICE_MOVE);
 }
 
 static void ifs_op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
@@ -286,6 +294,9 @@ static void ifs_op_open(fuse_req_t req, fuse_ino_t ino,
         fuse_reply_err(req, EROFS);
         return;
     }
+    /* O_TRUNC is ignored (FUSE_CAP_ATOMIC_O_TRUNC): the exposed file is a
+     * disk, and a program copying an image onto it means to overwrite it.
+     * Only an explicit ftruncate resizes. */
     fi->fh = (uint64_t)(uintptr_t)d; /* the reference goes with the file */
     fi->keep_cache = 0;
     /*
@@ -579,7 +590,10 @@ static void coroutine_fn ifs_co_setattr(void *opaque)
     IfsMount *m = r->mount;
     struct stat st;
 
-    if (r->to_set & FUSE_SET_ATTR_SIZE) {
+    /* truncate to the current size is a no-op on a file: so it is on a
+     * drive that cannot be resized (a raw slice, a block device). */
+    if ((r->to_set & FUSE_SET_ATTR_SIZE) &&
+        r->attr.st_size != blk_getlength(r->drive->blk)) {
         int ret = ifs_co_grow(r, r->attr.st_size);
 
         if (ret < 0) {
@@ -804,12 +818,21 @@ static void ifs_op_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name,
     }
 }
 
+/*
+ * size 0 asks for the length of the list (cp -a, libattr), and the kernel
+ * wants that answer in a fuse_getxattr_out: an empty buffer instead gave
+ * EIO over /dev/fuse and EINVAL over io_uring.
+ */
 static void ifs_op_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size)
 {
     static const char names[] = IFS_CONTROL_XATTR;
 
     if (ino != IFS_ROOT_INO) {
-        fuse_reply_buf(req, NULL, 0);
+        if (size == 0) {
+            fuse_reply_xattr(req, 0);
+        } else {
+            fuse_reply_buf(req, NULL, 0);
+        }
     } else if (size == 0) {
         fuse_reply_xattr(req, sizeof(names));
     } else if (size < sizeof(names)) {

@@ -13,7 +13,9 @@ from conftest import (
     error_lines,
     fill,
     is_mounted,
+    require_root,
     sha256,
+    unmount,
 )
 
 
@@ -85,3 +87,68 @@ def test_fuse_option_ro(imgfs, tmp_path):
     assert mount.unmount() == 0
     assert not is_mounted(mount.path)
     assert sha256(image) == before
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["mount", "-x", "c.ini", "mnt"], "mount: unknown option '-x'"),
+        (["mount", "-fx", "c.ini", "mnt"], "mount: unknown option '-x'"),
+        (["mount", "--bogus", "c.ini", "mnt"],
+         "mount: unknown option '--bogus'"),
+        (["mount", "--bogus=1", "c.ini", "mnt"],
+         "mount: unknown option '--bogus'"),
+        (["mount", "--foreground=1", "c.ini", "mnt"],
+         "mount: option '--foreground' takes no argument"),
+        (["mount", "-o"],
+         "mount: option '-o' needs an argument"),
+        (["info", "-x", "disk.img"], "info: unknown option '-x'"),
+        (["info", "--format"],
+         "info: option '--format' needs an argument"),
+    ],
+    ids=["mount-short", "mount-cluster", "mount-long", "mount-long-value",
+         "mount-no-argument-allowed", "mount-no-argument", "info-short",
+         "info-no-argument"],
+)
+def test_unknown_option_one_line(imgfs_bin, args, message):
+    """getopt's own two lines ("invalid option -- 'x'", then "Try ...")
+    become one, in imgfs's form."""
+    proc = imgfs_cmd(imgfs_bin, *args)
+    assert proc.returncode == 2
+    assert error_lines(proc.stderr) == [
+        f"imgfs: {message} (try 'imgfs --help')"
+    ], proc.stderr
+    assert proc.stdout == ""
+
+
+@pytest.mark.parametrize(
+    "option, says",
+    [
+        ("bogus_opt", "-o: unknown option(s): `-o bogus_opt'"),
+        ("max_read=abc", "-o: invalid parameter in option `max_read=abc'"),
+        # libfuse accepts it, the kernel refuses it for a non-block mount
+        ("blksize=4096", "cannot mount on '{mnt}': fuse: mount failed: "
+                         "Invalid argument"),
+    ],
+    ids=["unknown", "bad-value", "kernel-refuses"],
+)
+def test_bad_fuse_option_one_line(imgfs_bin, tmp_path, option, says):
+    """libfuse's complaint and imgfs's error come as one line."""
+    if option.startswith("blksize"):
+        # as a user, fusermount3 mounts and prints its own message
+        require_root("mount(2) without fusermount3")
+    image = create_image(tmp_path / "disk0.img", MiB)
+    config = tmp_path / "c.ini"
+    config.write_text(f"[disk0]\nfile = {image}\nformat = raw\n")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    proc = imgfs_cmd(imgfs_bin, "mount", "-o", option, config, mnt)
+    mounted = is_mounted(mnt)
+    if mounted:
+        unmount(mnt, lazy=True)
+    assert proc.returncode != 0
+    assert not mounted
+    assert error_lines(proc.stderr) == [
+        "imgfs: " + says.format(mnt=os.path.realpath(mnt))
+    ], proc.stderr
+    assert os.listdir(mnt) == []

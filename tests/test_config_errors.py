@@ -4,14 +4,28 @@ The line starts with "imgfs: " and names what is wrong (the drive, the key,
 the file).  Nothing may be mounted: the mount point stays as it was.  The
 daemonizing form (no -f) is used, as a user would run it: its parent must
 report the error and exit non-zero.
+
+test_semicolon_comments mounts: that ';' lines are read as comments only
+a working mount shows.
 """
 
 import os
+import stat
 import subprocess
 
 import pytest
 
-from conftest import MiB, error_lines, is_mounted, unmount
+from conftest import (
+    Mount,
+    MiB,
+    daemon_env,
+    error_lines,
+    is_mounted,
+    read_at,
+    unmount,
+    wait_until_answers,
+    write_at,
+)
 
 
 @pytest.fixture
@@ -330,3 +344,81 @@ def test_bad_control_path(imgfs_bin, setup, value):
     msg = mount_fails(imgfs_bin, write(text), mnt)
     assert "key 'control'" in msg
     assert os.listdir(mnt) == []
+
+
+# -- what GKeyFile would otherwise read differently from the scanner --
+
+
+@pytest.mark.parametrize(
+    "text, line, where",
+    [
+        (DISK0 + "read-only[de] = on\n", 3, "drive 'disk0'"),
+        (DISK0 + "cache[C] = none\n", 3, "drive 'disk0'"),
+        ("[imgfs]\ncache[de] = none\n\n" + DISK0, 2, "[imgfs]"),
+    ],
+    ids=["drive", "drive-C", "global"],
+)
+def test_locale_suffixed_key(imgfs_bin, setup, text, line, where):
+    """GKeyFile reads `key[locale]` as a translation and drops those of
+    other locales: such a key would be ignored without a word."""
+    write, mnt = setup
+    config = write(text)
+    msg = mount_fails(imgfs_bin, config, mnt)
+    key = text.splitlines()[line - 1].split("=")[0].strip()
+    assert f"{config}:{line}: " in msg
+    assert f"unknown key '{key}'" in msg
+    assert where in msg
+    assert os.listdir(mnt) == []
+
+
+def test_semicolon_comment_keeps_line_numbers(imgfs_bin, setup):
+    write, mnt = setup
+    config = write("; the drives\n;\n" + DISK0 + "; colour\ncolour = blue\n")
+    msg = mount_fails(imgfs_bin, config, mnt)
+    assert f"{config}:6: drive 'disk0': unknown key 'colour'" in msg
+    assert os.listdir(mnt) == []
+
+
+@pytest.fixture
+def mount_text(setup, tmp_path, imgfs_bin):
+    """Factory: mount_text(TEXT, names) runs `imgfs mount -f` on a config
+    written as TEXT (the imgfs fixture writes its own) and returns a Mount."""
+    write, mnt = setup
+    started = []
+
+    def start(text, names):
+        config = write(text)
+        log = tmp_path / "mnt.log"
+        with open(log, "wb") as err:
+            proc = subprocess.Popen(
+                [str(imgfs_bin), "mount", "-f", str(config), str(mnt)],
+                stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+                env=daemon_env(), start_new_session=True)
+        mount = Mount(mnt, config, log, proc, {})
+        started.append(mount)
+        wait_until_answers(mount, names)
+        return mount
+
+    yield start
+    problems = []
+    for mount in started:
+        problems += mount.teardown()
+    if problems:
+        pytest.fail("\n".join(problems), pytrace=False)
+
+
+def test_semicolon_comments(mount_text):
+    """';' starts a comment line, as '#' does (and as in most INI files):
+    the commented-out key has no effect."""
+    text = ("; imgfs drives\n"
+            "[disk0]\n"
+            "  ; indented\n"
+            "file = images/disk0.img\n"
+            ";read-only = on\n"
+            "; format = qcow2\n"
+            "# a '#' comment\n")
+    mount = mount_text(text, ["disk0"])
+    assert stat.S_IMODE(os.stat(mount.drive()).st_mode) == 0o644
+    write_at(mount.drive(), 4096, b"written")
+    assert read_at(mount.drive(), 4096, 7) == b"written"
+    assert mount.unmount() == 0

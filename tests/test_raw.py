@@ -4,6 +4,8 @@ The oracles are cmp, `qemu-img compare`, qemu-io and the image file itself
 read after the daemon has gone.
 """
 
+import ctypes
+import ctypes.util
 import errno
 import mmap
 import os
@@ -376,3 +378,71 @@ def test_size_not_multiple_of_512(imgfs, tmp_path):
     assert mount.unmount() == 0
     assert os.stat(image).st_size == size
     assert read_at(image, size - 100, 100) == new
+
+
+def test_o_trunc_is_ignored(imgfs, tmp_path):
+    """dd of=DRIVE without conv=notrunc opens with O_TRUNC: like a block
+    device, the drive keeps its size and dd overwrites it in place."""
+    size = 16 * MiB
+    image = patterned_image(tmp_path / "disk0.img", size)
+    backup = random_image(tmp_path / "backup.raw", size)
+    mount = imgfs(raw_drive(image))
+    run("dd", f"if={backup}", f"of={mount.drive()}", "bs=64k", "status=none")
+    assert os.stat(mount.drive()).st_size == size
+    run("cmp", backup, mount.drive())
+    # an O_TRUNC open that writes nothing changes nothing either
+    os.close(os.open(mount.drive(), os.O_WRONLY | os.O_TRUNC))
+    assert os.stat(mount.drive()).st_size == size
+    run("cmp", backup, mount.drive())
+    assert mount.unmount() == 0
+    assert os.stat(image).st_size == size
+    run("cmp", backup, image)
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.listxattr.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t]
+_libc.listxattr.restype = ctypes.c_ssize_t
+
+
+def listxattr_size(path):
+    """listxattr(PATH, NULL, 0): the size of the name list (what cp -a and
+    libattr ask first; os.listxattr passes a buffer straight away)."""
+    n = _libc.listxattr(os.fsencode(path), None, 0)
+    if n < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(path))
+    return n
+
+
+@pytest.mark.parametrize("uring", ["off", "auto"], ids=["dev-fuse", "auto"])
+def test_listxattr_of_drive(imgfs, tmp_path, uring):
+    """A drive has no extended attributes: the size query answers 0, so
+    `cp -a` copies the drive."""
+    image = patterned_image(tmp_path / "disk0.img", 8 * MiB)
+    mount = imgfs(raw_drive(image), settings={"fuse-uring": uring})
+    assert listxattr_size(mount.drive()) == 0
+    assert os.listxattr(mount.drive()) == []
+    copy = tmp_path / "copy.img"
+    run("cp", "-a", mount.drive(), copy)
+    run("cmp", copy, image)
+
+
+def test_truncate_to_same_size_on_slice(imgfs, tmp_path):
+    """A drive that cannot be resized accepts a truncate to its own size,
+    as a file does (a no-op), and refuses only a real change."""
+    image = patterned_image(tmp_path / "disk0.img")
+    mount = imgfs(raw_drive(image, **{"raw.size": "16M"}))
+    before = sha256(mount.drive())
+    run("truncate", "-s", str(16 * MiB), mount.drive())
+    fd = os.open(mount.drive(), os.O_RDWR)
+    try:
+        os.ftruncate(fd, 16 * MiB)
+        with pytest.raises(OSError) as err:
+            os.ftruncate(fd, 16 * MiB - 4096)
+        assert err.value.errno in (errno.EPERM, errno.ENOTSUP)
+    finally:
+        os.close(fd)
+    assert os.stat(mount.drive()).st_size == 16 * MiB
+    assert sha256(mount.drive()) == before
+    assert mount.unmount() == 0
+    assert os.stat(image).st_size == SIZE
