@@ -5,20 +5,34 @@
  */
 #include "log.h"
 
+#include <pthread.h>
 #include <stdio.h>
 #include <string.h>
 #include <syslog.h>
 #include <unistd.h>
 
-static bool log_syslog;
+static void log_open_syslog(void)
+{
+    openlog("imgfs", LOG_PID, LOG_DAEMON);
+}
+
+/* messages of this level and less important go to syslog */
+static int log_syslog_from = LOG_LEVEL_DEBUG + 1; /* atomic */
 static LogLevel log_max_level = LOG_LEVEL_INFO;
 
 void log_use_syslog(bool on)
 {
-    if (on && !log_syslog) {
-        openlog("imgfs", LOG_PID, LOG_DAEMON);
+    log_syslog_from_level(on ? LOG_LEVEL_ERROR : LOG_LEVEL_DEBUG + 1);
+}
+
+void log_syslog_from_level(int level)
+{
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+
+    if (level <= LOG_LEVEL_DEBUG) {
+        pthread_once(&once, log_open_syslog);
     }
-    log_syslog = on;
+    __atomic_store_n(&log_syslog_from, level, __ATOMIC_RELEASE);
 }
 
 void log_set_level(LogLevel level)
@@ -45,7 +59,7 @@ void log_msgv(LogLevel level, const char *fmt, va_list ap)
     if (!log_level_enabled(level)) {
         return;
     }
-    if (log_syslog) {
+    if ((int)level >= __atomic_load_n(&log_syslog_from, __ATOMIC_ACQUIRE)) {
         vsyslog(syslog_prio[level], fmt, ap);
         return;
     }

@@ -576,6 +576,9 @@ static int ifs_daemonize(void)
     }
     close(p[0]);
     setsid();
+    /* A mount that works says nothing on the caller's terminal: progress
+     * goes to syslog already, errors still to stderr until we detach. */
+    log_syslog_from_level(LOG_LEVEL_INFO);
     return p[1];
 }
 
