@@ -6,6 +6,7 @@ another drive of the same mount keeps working.  Never a crash.
 """
 
 import errno
+import json
 import os
 import struct
 import subprocess
@@ -407,3 +408,59 @@ def test_overlap_check_refuses_to_reuse_metadata(imgfs, tmp_path):
         f.seek(l2)
         assert f.read(4096) == table
     assert header_fields(bad)["incompatible"] & 2, "corrupt bit not set"
+
+
+# -- writes through damaged L2 entries --------------------------------------
+#
+# A write must never go through an entry that names a host cluster it does
+# not own: it fails with EIO and a log line, and the image is left as it
+# was (or at least no worse by qemu-img check); other guest data is intact.
+
+
+def assert_write_eio(path, offset, data):
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        with pytest.raises(OSError) as e:
+            os.pwrite(fd, data, offset)
+            os.fsync(fd)
+        assert e.value.errno == errno.EIO
+    finally:
+        os.close(fd)
+
+
+def damage(path):
+    """qemu-img check's counts of what is wrong with the image."""
+    proc = qemu_img("check", "--output=json", str(path), check=False)
+    report = json.loads(proc.stdout)
+    return {k: report.get(k, 0)
+            for k in ("corruptions", "leaks", "check-errors")}
+
+
+def assert_no_worse(path, before):
+    after = damage(path)
+    assert all(after[k] <= before[k] for k in before), (before, after)
+
+
+def test_zero_alloc_past_end_not_written(imgfs, tmp_path):
+    """A preallocated-zero entry (ZERO + COPIED) whose host offset lies
+    1 TiB past the end of the file: a write there must not go in place,
+    which would grow the file to 1 TiB with a cluster no refcount
+    covers."""
+    bad = data_image(tmp_path / "bad.qcow2")
+    cluster = 40  # unallocated until now
+    patch(bad, l2_entry_offset(bad, cluster),
+          struct.pack(">Q", (1 << 63) | (1 << 40) | 1))
+    before = bad.read_bytes()
+    checked = damage(bad)
+    mount = imgfs(both(tmp_path, bad))
+
+    assert_write_eio(mount.drive("bad"), cluster * 65536, b"\xee" * 4096)
+    assert_good_works(mount)
+    assert read_at(mount.drive("bad"), 0, 4096) == b"\x11" * 4096
+    log = mount.stderr()
+    assert "drive 'bad'" in log and "bad.qcow2" in log, log
+    assert "data cluster 0x10000000000 is past the end of the file" in log
+    assert mount.unmount() == 0
+    assert os.path.getsize(bad) == len(before)
+    assert bad.read_bytes() == before
+    assert_no_worse(bad, checked)

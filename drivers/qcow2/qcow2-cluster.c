@@ -130,55 +130,73 @@ int qcow2_check_l2_offset(Qcow2State *s, uint32_t index, uint64_t l2_offset)
     return 0;
 }
 
-/* Check the host offset of an entry of @type for guest @guest_cluster;
- * @where < 0: only tell, do not report. */
-static int check_host(Qcow2State *s, uint64_t entry, Qcow2SubclusterType type,
-                      uint64_t guest_cluster, int64_t where)
+/*
+ * What is wrong with the host range @entry names for guest cluster
+ * @guest_cluster, or NULL (free it with g_free).  Every entry that
+ * carries a host offset is tested, whatever its subclusters say: a write
+ * to a zero or unallocated subcluster goes to that host cluster in place,
+ * and replacing the entry frees it, so a misaligned or past-the-end
+ * offset must never be trusted -- it names a cluster that belongs to
+ * someone else, or grows the file far past its end.
+ */
+static char *host_problem(Qcow2State *s, uint64_t entry, uint64_t guest_cluster)
 {
     uint64_t host = entry & QCOW2_L2E_OFFSET_MASK;
+    int64_t len = bdrv_getlength(s->bs->file->bs);
 
-    if (where < 0) {
-        bool bad = qcow2_offset_into_cluster(s, host) ||
-                   (qcow2_has_data_file(s)
-                        ? host != guest_cluster
-                        : (type == QCOW2_SC_NORMAL &&
-                           (int64_t)host >= bdrv_getlength(s->bs->file->bs)));
+    if (entry & QCOW2_OFLAG_COMPRESSED) {
+        uint64_t off, bytes;
 
-        return bad ? -EIO : 0;
-    }
-    if (type == QCOW2_SC_COMPRESSED) {
         if (qcow2_has_data_file(s)) {
-            return qcow2_signal_corruption(
-                s, false, where,
+            return g_strdup(
                 "compressed cluster in an image with an external data file");
         }
-        return 0;
+        qcow2_compressed_range(s, entry, &off, &bytes);
+        /* The last sector may run past the end of the file (QEMU does
+         * not pad it), but never into a cluster past the end. */
+        if ((int64_t)qcow2_start_of_cluster(s, off + bytes - 1) >= len) {
+            return g_strdup_printf("compressed cluster at 0x%" PRIx64
+                                   " lies past the end of the file",
+                                   off);
+        }
+        return NULL;
     }
-    if (type != QCOW2_SC_NORMAL && type != QCOW2_SC_ZERO_ALLOC &&
-        type != QCOW2_SC_UNALLOCATED_ALLOC) {
-        return 0;
+    if (!entry_has_host(s, entry)) {
+        return NULL;
     }
     if (qcow2_offset_into_cluster(s, host)) {
-        return qcow2_signal_corruption(
-            s, false, where,
-            "L2 entry: cluster offset 0x%" PRIx64 " is not aligned", host);
+        return g_strdup_printf("cluster offset 0x%" PRIx64 " is not aligned",
+                               host);
     }
     if (qcow2_has_data_file(s)) {
         if (host != guest_cluster) {
-            return qcow2_signal_corruption(
-                s, false, where,
-                "L2 entry: data file offset 0x%" PRIx64
-                " differs from the guest offset 0x%" PRIx64,
-                host, guest_cluster);
+            return g_strdup_printf("data file offset 0x%" PRIx64
+                                   " differs from the guest offset 0x%" PRIx64,
+                                   host, guest_cluster);
         }
-    } else if (type == QCOW2_SC_NORMAL &&
-               (int64_t)host >= bdrv_getlength(s->bs->file->bs)) {
-        return qcow2_signal_corruption(s, false, where,
-                                       "L2 entry: data cluster 0x%" PRIx64
-                                       " is past the end of the file",
-                                       host);
+        return NULL;
     }
-    return 0;
+    if ((int64_t)host >= len) {
+        return g_strdup_printf(
+            "data cluster 0x%" PRIx64 " is past the end of the file", host);
+    }
+    return NULL;
+}
+
+/* Check the host range of @entry for guest @guest_cluster; @where < 0:
+ * only tell, do not report. */
+static int check_host(Qcow2State *s, uint64_t entry, uint64_t guest_cluster,
+                      int64_t where)
+{
+    g_autofree char *why = host_problem(s, entry, guest_cluster);
+
+    if (!why) {
+        return 0;
+    }
+    if (where < 0) {
+        return -EIO;
+    }
+    return qcow2_signal_corruption(s, false, where, "L2 entry: %s", why);
 }
 
 int coroutine_fn qcow2_co_get_mapping(Qcow2State *s, uint64_t offset,
@@ -221,7 +239,7 @@ int coroutine_fn qcow2_co_get_mapping(Qcow2State *s, uint64_t offset,
             "invalid subcluster bitmap 0x%" PRIx64 " in L2 entry", bitmap);
         goto out;
     }
-    ret = check_host(s, entry, type, cluster, l2 + ci * s->l2_entry_bytes);
+    ret = check_host(s, entry, cluster, l2 + ci * s->l2_entry_bytes);
     if (ret < 0) {
         goto out;
     }
@@ -256,7 +274,7 @@ int coroutine_fn qcow2_co_get_mapping(Qcow2State *s, uint64_t offset,
             ((entry2 & QCOW2_L2E_OFFSET_MASK) !=
                  host + (cluster - (offset - in_cluster)) ||
              !!(entry2 & QCOW2_OFLAG_COPIED) != m->copied ||
-             check_host(s, entry2, t2, cluster, -1) < 0)) {
+             check_host(s, entry2, cluster, -1) < 0)) {
             break;
         }
         n += (int64_t)run * s->sc_size;
