@@ -13,8 +13,9 @@ import subprocess
 
 import pytest
 
-from conftest import (IMGFS_BIN, SANITIZER_MARKS, MiB, error_lines, read_at,
-                      write_config)
+from conftest import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, IMGFS_BIN,
+                      SANITIZER_MARKS, MiB, drop_caches, error_lines,
+                      fallocate, read_at, write_config)
 from qcow2util import create_qcow2, header_fields, patch, qemu_img, qemu_io
 
 SIZE = 8 * MiB
@@ -463,4 +464,46 @@ def test_zero_alloc_past_end_not_written(imgfs, tmp_path):
     assert mount.unmount() == 0
     assert os.path.getsize(bad) == len(before)
     assert bad.read_bytes() == before
+    assert_no_worse(bad, checked)
+
+
+def test_bogus_entry_never_freed(imgfs, tmp_path):
+    """A misaligned entry (no COPIED) in an unallocated-looking cluster
+    names a cluster that guest cluster 1 owns.  Neither a write that
+    covers it whole (after a cluster that needs allocating) nor a hole
+    punched over it may free that cluster: the allocator would hand it out
+    again and another write would overwrite guest cluster 1."""
+    bad = data_image(tmp_path / "bad.qcow2")
+    with open(bad, "rb") as f:
+        f.seek(l2_entry_offset(bad, 1))
+        host1 = struct.unpack(">Q", f.read(8))[0] & 0x00FFFFFFFFFFFE00
+    cluster = 40  # unallocated until now
+    patch(bad, l2_entry_offset(bad, cluster), struct.pack(">Q", host1 + 512))
+    checked = damage(bad)
+    mount = imgfs(both(tmp_path, bad))
+    drive = mount.drive("bad")
+
+    assert_write_eio(drive, (cluster - 1) * 65536, b"\xaa" * 131072)
+    fd = os.open(drive, os.O_WRONLY)
+    try:
+        with pytest.raises(OSError) as e:
+            fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                      cluster * 65536, 65536)
+        assert e.value.errno == errno.EIO
+        # new clusters: had cluster 1's been freed, one would be it
+        for i in range(4):
+            os.pwrite(fd, b"\xbb" * 65536, (60 + i) * 65536)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    drop_caches()
+    assert read_at(drive, 65536, 65536) == b"\x11" * 65536
+    assert read_at(drive, 60 * 65536, 65536) == b"\xbb" * 65536
+    assert_good_works(mount)
+    log = mount.stderr()
+    assert "drive 'bad'" in log and "bad.qcow2" in log, log
+    assert f"cluster offset {host1 + 512:#x} is not aligned" in log, log
+    assert mount.unmount() == 0
+    out = qemu_io(bad, "read -P 0x11 64k 64k", f"read -P 0xbb {60 * 65536} 256k")
+    assert "verification failed" not in out.stdout, out.stdout
     assert_no_worse(bad, checked)

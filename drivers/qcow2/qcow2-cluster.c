@@ -893,9 +893,34 @@ static void free_pieces(GArray *pieces)
     g_array_free(pieces, TRUE);
 }
 
+/*
+ * May the host range of @entry, being replaced, be freed?  A bogus entry
+ * (misaligned, past the end, a compressed range outside the file) names
+ * clusters that are free or someone else's: freeing them would let the
+ * allocator hand out a cluster still in use.  Reported, never freed.
+ */
+static int check_release(Qcow2State *s, uint64_t entry)
+{
+    g_autofree char *why = NULL;
+
+    if (qcow2_has_data_file(s) && !(entry & QCOW2_OFLAG_COMPRESSED)) {
+        return 0; /* nothing is freed in a data file */
+    }
+    why = host_problem(s, entry, 0);
+    if (!why) {
+        return 0;
+    }
+    return qcow2_signal_corruption(
+        s, false, -1, "L2 entry 0x%" PRIx64 ": %s; not freeing its clusters",
+        entry, why);
+}
+
 /* Drop the reference an old L2 entry held (replaced by a new cluster). */
 static void release_entry(Qcow2State *s, uint64_t entry)
 {
+    if (check_release(s, entry) < 0) {
+        return;
+    }
     if (entry & QCOW2_OFLAG_COMPRESSED) {
         uint64_t off, bytes, first;
 
@@ -974,6 +999,11 @@ static int64_t coroutine_fn write_alloc(Qcow2State *s, uint64_t offset,
         k2 = classify(s, l2_get(s, e->data, ci + k),
                       l2_get_bitmap(s, e->data, ci + k), 0, MIN(end - g, cs));
         if (k2 != kind || (kind == CL_REUSE && !qcow2_has_data_file(s))) {
+            break;
+        }
+        /* Only the first entry went through the lookup's check: a bogus
+         * one ends the run, so that its own write reports it. */
+        if (check_host(s, l2_get(s, e->data, ci + k), g, -1) < 0) {
             break;
         }
     }
@@ -1247,6 +1277,14 @@ static int coroutine_fn zero_range(Qcow2State *s, uint64_t offset,
                              &bitmap, &release, &punch);
             if (ret < 0) {
                 break;
+            }
+            /* A bogus old entry: neither free nor punch what it names
+             * (it is someone else's), and leave it as it is. */
+            if (release) {
+                ret = check_release(s, old);
+                if (ret < 0) {
+                    break;
+                }
             }
             l2_set(s, e->data, ci, entry, bitmap);
             if (release) {
