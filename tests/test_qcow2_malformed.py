@@ -271,6 +271,13 @@ def data_cluster_past_end(path):
     return 2 * 65536, "past the end of the file"
 
 
+def data_cluster_over_l1(path):
+    """A data cluster that is the L1 table: not served as guest data."""
+    patch(path, l2_entry_offset(path, 2),
+          struct.pack(">Q", header_fields(path)["l1_offset"]))
+    return 2 * 65536, "overlaps the L1 table"
+
+
 def compressed_past_end(path):
     """A compressed cluster whose data offset lies past the file's end."""
     at = l2_entry_offset(path, 1)
@@ -303,6 +310,7 @@ EIO = {
     "l2-overlaps-reftable": (l2_over_reftable, "4k"),
     "data-cluster-misaligned": (data_cluster_misaligned, None),
     "data-cluster-past-end": (data_cluster_past_end, None),
+    "data-cluster-over-l1": (data_cluster_over_l1, None),
     "compressed-past-end": (compressed_past_end, "compress"),
     "compressed-garbage": (compressed_garbage, "compress"),
 }
@@ -506,4 +514,66 @@ def test_bogus_entry_never_freed(imgfs, tmp_path):
     assert mount.unmount() == 0
     out = qemu_io(bad, "read -P 0x11 64k 64k", f"read -P 0xbb {60 * 65536} 256k")
     assert "verification failed" not in out.stdout, out.stdout
+    assert_no_worse(bad, checked)
+
+
+def metadata_target(path, what):
+    """(offset, name) of a metadata cluster of the image."""
+    h = header_fields(path)
+    if what == "l1":
+        return h["l1_offset"], "the L1 table"
+    if what == "refblock":
+        with open(path, "rb") as f:
+            f.seek(h["reftable_offset"])
+            return struct.unpack(">Q", f.read(8))[0], "a refcount block"
+    return l1_entry(path) & 0x00FFFFFFFFFFFE00, "an L2 table"
+
+
+# (metadata the entry points at, guest cluster, entry flags): a COPIED
+# data cluster is written in place; a COPIED preallocated-zero one keeps
+# its host cluster through the allocating path.
+OVER_METADATA = {
+    "l1-in-place": ("l1", 3, 1 << 63),
+    "refblock-in-place": ("refblock", 3, 1 << 63),
+    "l2-zero-alloc": ("l2", 40, (1 << 63) | 1),
+}
+
+
+@pytest.mark.parametrize("case", list(OVER_METADATA))
+def test_guest_write_never_overwrites_metadata(imgfs, tmp_path, case):
+    """An L2 entry pointing at a metadata cluster: a guest write there is
+    caught by the overlap check before any byte goes out -- EIO, the
+    image is marked corrupt, the metadata and the other data stay."""
+    what, cluster, flags = OVER_METADATA[case]
+    bad = data_image(tmp_path / "bad.qcow2")
+    target, name = metadata_target(bad, what)
+    patch(bad, l2_entry_offset(bad, cluster), struct.pack(">Q", target | flags))
+    with open(bad, "rb") as f:
+        f.seek(target)
+        meta = f.read(65536)
+    checked = damage(bad)
+    mount = imgfs(both(tmp_path, bad))
+    drive = mount.drive("bad")
+
+    assert_write_eio(drive, cluster * 65536, b"\x00" * 65536)
+    fd = os.open(drive, os.O_WRONLY)
+    try:
+        with pytest.raises(OSError):
+            os.pwrite(fd, b"y" * 4096, 0)  # writes are refused now
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    drop_caches()
+    assert read_at(drive, 0, 4096) == b"\x11" * 4096
+    assert read_at(drive, SIZE - MiB, MiB) == b"\x22" * MiB
+    log = mount.stderr()
+    assert "drive 'bad'" in log and "bad.qcow2" in log, log
+    assert f"refusing to write guest data over {name}" in log, log
+    assert "marking the image corrupt" in log, log
+    assert_good_works(mount)
+    assert mount.unmount() == 0
+    with open(bad, "rb") as f:
+        f.seek(target)
+        assert f.read(65536) == meta
+    assert header_fields(bad)["incompatible"] & 2, "corrupt bit not set"
     assert_no_worse(bad, checked)

@@ -137,15 +137,17 @@ int qcow2_check_l2_offset(Qcow2State *s, uint32_t index, uint64_t l2_offset)
  * to a zero or unallocated subcluster goes to that host cluster in place,
  * and replacing the entry frees it, so a misaligned or past-the-end
  * offset must never be trusted -- it names a cluster that belongs to
- * someone else, or grows the file far past its end.
+ * someone else, or grows the file far past its end.  @meta: also test
+ * that the range is no metadata (a cluster cannot be both).
  */
-static char *host_problem(Qcow2State *s, uint64_t entry, uint64_t guest_cluster)
+static char *host_problem(Qcow2State *s, uint64_t entry, uint64_t guest_cluster,
+                          bool meta)
 {
     uint64_t host = entry & QCOW2_L2E_OFFSET_MASK;
     int64_t len = bdrv_getlength(s->bs->file->bs);
 
     if (entry & QCOW2_OFLAG_COMPRESSED) {
-        uint64_t off, bytes;
+        uint64_t off, bytes, pos;
 
         if (qcow2_has_data_file(s)) {
             return g_strdup(
@@ -158,6 +160,16 @@ static char *host_problem(Qcow2State *s, uint64_t entry, uint64_t guest_cluster)
             return g_strdup_printf("compressed cluster at 0x%" PRIx64
                                    " lies past the end of the file",
                                    off);
+        }
+        for (pos = qcow2_start_of_cluster(s, off); meta && pos < off + bytes;
+             pos += s->cluster_size) {
+            Qcow2MetaType t = qcow2_meta_type(s, pos);
+
+            if (t != QCOW2_META_NONE) {
+                return g_strdup_printf("compressed cluster at 0x%" PRIx64
+                                       " overlaps %s",
+                                       off, qcow2_meta_name(t));
+            }
         }
         return NULL;
     }
@@ -180,15 +192,19 @@ static char *host_problem(Qcow2State *s, uint64_t entry, uint64_t guest_cluster)
         return g_strdup_printf(
             "data cluster 0x%" PRIx64 " is past the end of the file", host);
     }
+    if (meta && qcow2_meta_type(s, host) != QCOW2_META_NONE) {
+        return g_strdup_printf("data cluster 0x%" PRIx64 " overlaps %s", host,
+                               qcow2_meta_name(qcow2_meta_type(s, host)));
+    }
     return NULL;
 }
 
-/* Check the host range of @entry for guest @guest_cluster; @where < 0:
- * only tell, do not report. */
+/* Check the host range of @entry for guest @guest_cluster (@meta: see
+ * host_problem()); @where < 0: only tell, do not report. */
 static int check_host(Qcow2State *s, uint64_t entry, uint64_t guest_cluster,
-                      int64_t where)
+                      bool meta, int64_t where)
 {
-    g_autofree char *why = host_problem(s, entry, guest_cluster);
+    g_autofree char *why = host_problem(s, entry, guest_cluster, meta);
 
     if (!why) {
         return 0;
@@ -199,8 +215,14 @@ static int check_host(Qcow2State *s, uint64_t entry, uint64_t guest_cluster,
     return qcow2_signal_corruption(s, false, where, "L2 entry: %s", why);
 }
 
-int coroutine_fn qcow2_co_get_mapping(Qcow2State *s, uint64_t offset,
-                                      int64_t bytes, Qcow2Mapping *m)
+/*
+ * qcow2_co_get_mapping(), for a read or (@write) for a write.  A write
+ * leaves the metadata test to check_data_write(), right before the data
+ * goes out: finding guest data about to overwrite metadata is fatal (the
+ * image is marked corrupt), where a read merely fails.
+ */
+static int coroutine_fn get_mapping(Qcow2State *s, uint64_t offset,
+                                    int64_t bytes, Qcow2Mapping *m, bool write)
 {
     uint64_t l1_index = offset >> (s->cluster_bits + s->l2_bits);
     uint64_t l2_end = (l1_index + 1) * qcow2_l2_coverage(s);
@@ -239,7 +261,7 @@ int coroutine_fn qcow2_co_get_mapping(Qcow2State *s, uint64_t offset,
             "invalid subcluster bitmap 0x%" PRIx64 " in L2 entry", bitmap);
         goto out;
     }
-    ret = check_host(s, entry, cluster, l2 + ci * s->l2_entry_bytes);
+    ret = check_host(s, entry, cluster, !write, l2 + ci * s->l2_entry_bytes);
     if (ret < 0) {
         goto out;
     }
@@ -274,7 +296,7 @@ int coroutine_fn qcow2_co_get_mapping(Qcow2State *s, uint64_t offset,
             ((entry2 & QCOW2_L2E_OFFSET_MASK) !=
                  host + (cluster - (offset - in_cluster)) ||
              !!(entry2 & QCOW2_OFLAG_COPIED) != m->copied ||
-             check_host(s, entry2, cluster, -1) < 0)) {
+             check_host(s, entry2, cluster, !write, -1) < 0)) {
             break;
         }
         n += (int64_t)run * s->sc_size;
@@ -283,6 +305,12 @@ int coroutine_fn qcow2_co_get_mapping(Qcow2State *s, uint64_t offset,
 out:
     qcow2_cache_put(s->l2_cache, e);
     return ret;
+}
+
+int coroutine_fn qcow2_co_get_mapping(Qcow2State *s, uint64_t offset,
+                                      int64_t bytes, Qcow2Mapping *m)
+{
+    return get_mapping(s, offset, bytes, m, false);
 }
 
 /* ---- in-flight host I/O ---- */
@@ -840,6 +868,48 @@ static int coroutine_fn fill_old_pieces(Qcow2State *s, GArray *pieces,
     return 0;
 }
 
+/*
+ * Before guest (or copy-on-write) data goes to [@host, +@bytes): an L2
+ * entry that points at metadata must not let the guest overwrite it.  As
+ * for metadata writes, the overlap check reports it, marks the image
+ * corrupt and refuses further writes.  The lookup needs no lock; the
+ * report takes it, since it updates the header.
+ */
+static int coroutine_fn check_data_write(Qcow2State *s, uint64_t host,
+                                         uint64_t bytes)
+{
+    uint64_t pos;
+    int ret = 0;
+
+    if (qcow2_has_data_file(s)) {
+        return 0; /* the data file holds no metadata */
+    }
+    for (pos = qcow2_start_of_cluster(s, host); pos < host + bytes;
+         pos += s->cluster_size) {
+        if (qcow2_meta_type(s, pos) != QCOW2_META_NONE) {
+            break;
+        }
+    }
+    if (pos >= host + bytes) {
+        return 0;
+    }
+    co_mutex_lock(&s->lock);
+    for (; pos < host + bytes; pos += s->cluster_size) {
+        Qcow2MetaType t = qcow2_meta_type(s, pos);
+
+        if (t != QCOW2_META_NONE) {
+            ret = qcow2_signal_corruption(
+                s, true, pos,
+                "refusing to write guest data over %s (metadata overlap "
+                "check)",
+                qcow2_meta_name(t));
+            break;
+        }
+    }
+    co_mutex_unlock(&s->lock);
+    return ret;
+}
+
 /* Write the pieces: every run of adjacent written pieces in one go. */
 static int coroutine_fn write_pieces(Qcow2State *s, GArray *pieces,
                                      uint64_t offset, IOVector *qiov,
@@ -877,7 +947,10 @@ static int coroutine_fn write_pieces(Qcow2State *s, GArray *pieces,
             }
             len += p->len;
         }
-        ret = bdrv_co_pwritev(s->data_file, start, len, &v, 0, 0);
+        ret = check_data_write(s, start, len);
+        if (ret == 0) {
+            ret = bdrv_co_pwritev(s->data_file, start, len, &v, 0, 0);
+        }
         iov_destroy(&v);
     }
     return ret;
@@ -906,7 +979,7 @@ static int check_release(Qcow2State *s, uint64_t entry)
     if (qcow2_has_data_file(s) && !(entry & QCOW2_OFLAG_COMPRESSED)) {
         return 0; /* nothing is freed in a data file */
     }
-    why = host_problem(s, entry, 0);
+    why = host_problem(s, entry, 0, true);
     if (!why) {
         return 0;
     }
@@ -1003,7 +1076,7 @@ static int64_t coroutine_fn write_alloc(Qcow2State *s, uint64_t offset,
         }
         /* Only the first entry went through the lookup's check: a bogus
          * one ends the run, so that its own write reports it. */
-        if (check_host(s, l2_get(s, e->data, ci + k), g, -1) < 0) {
+        if (check_host(s, l2_get(s, e->data, ci + k), g, true, -1) < 0) {
             break;
         }
     }
@@ -1108,12 +1181,16 @@ int coroutine_fn qcow2_co_pwritev(BlockDriverState *bs, int64_t offset,
         if (s->broken) {
             return -EIO;
         }
-        ret = qcow2_co_get_mapping(s, offset, bytes, &m);
+        ret = get_mapping(s, offset, bytes, &m, true);
         if (ret < 0) {
             return ret;
         }
         if (m.type == QCOW2_SC_NORMAL && (m.copied || qcow2_has_data_file(s))) {
             n = m.bytes;
+            ret = check_data_write(s, m.host, n);
+            if (ret < 0) {
+                return ret;
+            }
             qcow2_host_io_begin(s, &io, m.host, n);
             ret = bdrv_co_pwritev(s->data_file, m.host, n, qiov, qoff, 0);
             qcow2_host_io_end(s, &io);
