@@ -130,59 +130,99 @@ int qcow2_check_l2_offset(Qcow2State *s, uint32_t index, uint64_t l2_offset)
     return 0;
 }
 
-/* Check the host offset of an entry of @type for guest @guest_cluster;
- * @where < 0: only tell, do not report. */
-static int check_host(Qcow2State *s, uint64_t entry, Qcow2SubclusterType type,
-                      uint64_t guest_cluster, int64_t where)
+/*
+ * What is wrong with the host range @entry names for guest cluster
+ * @guest_cluster, or NULL (free it with g_free).  Every entry that
+ * carries a host offset is tested, whatever its subclusters say: a write
+ * to a zero or unallocated subcluster goes to that host cluster in place,
+ * and replacing the entry frees it, so a misaligned or past-the-end
+ * offset must never be trusted -- it names a cluster that belongs to
+ * someone else, or grows the file far past its end.  @meta: also test
+ * that the range is no metadata (a cluster cannot be both).
+ */
+static char *host_problem(Qcow2State *s, uint64_t entry, uint64_t guest_cluster,
+                          bool meta)
 {
     uint64_t host = entry & QCOW2_L2E_OFFSET_MASK;
+    int64_t len = bdrv_getlength(s->bs->file->bs);
 
-    if (where < 0) {
-        bool bad = qcow2_offset_into_cluster(s, host) ||
-                   (qcow2_has_data_file(s)
-                        ? host != guest_cluster
-                        : (type == QCOW2_SC_NORMAL &&
-                           (int64_t)host >= bdrv_getlength(s->bs->file->bs)));
+    if (entry & QCOW2_OFLAG_COMPRESSED) {
+        uint64_t off, bytes, pos;
 
-        return bad ? -EIO : 0;
-    }
-    if (type == QCOW2_SC_COMPRESSED) {
         if (qcow2_has_data_file(s)) {
-            return qcow2_signal_corruption(
-                s, false, where,
+            return g_strdup(
                 "compressed cluster in an image with an external data file");
         }
-        return 0;
+        qcow2_compressed_range(s, entry, &off, &bytes);
+        /* The last sector may run past the end of the file (QEMU does
+         * not pad it), but never into a cluster past the end. */
+        if ((int64_t)qcow2_start_of_cluster(s, off + bytes - 1) >= len) {
+            return g_strdup_printf("compressed cluster at 0x%" PRIx64
+                                   " lies past the end of the file",
+                                   off);
+        }
+        for (pos = qcow2_start_of_cluster(s, off); meta && pos < off + bytes;
+             pos += s->cluster_size) {
+            Qcow2MetaType t = qcow2_meta_type(s, pos);
+
+            if (t != QCOW2_META_NONE) {
+                return g_strdup_printf("compressed cluster at 0x%" PRIx64
+                                       " overlaps %s",
+                                       off, qcow2_meta_name(t));
+            }
+        }
+        return NULL;
     }
-    if (type != QCOW2_SC_NORMAL && type != QCOW2_SC_ZERO_ALLOC &&
-        type != QCOW2_SC_UNALLOCATED_ALLOC) {
-        return 0;
+    if (!entry_has_host(s, entry)) {
+        return NULL;
     }
     if (qcow2_offset_into_cluster(s, host)) {
-        return qcow2_signal_corruption(
-            s, false, where,
-            "L2 entry: cluster offset 0x%" PRIx64 " is not aligned", host);
+        return g_strdup_printf("cluster offset 0x%" PRIx64 " is not aligned",
+                               host);
     }
     if (qcow2_has_data_file(s)) {
         if (host != guest_cluster) {
-            return qcow2_signal_corruption(
-                s, false, where,
-                "L2 entry: data file offset 0x%" PRIx64
-                " differs from the guest offset 0x%" PRIx64,
-                host, guest_cluster);
+            return g_strdup_printf("data file offset 0x%" PRIx64
+                                   " differs from the guest offset 0x%" PRIx64,
+                                   host, guest_cluster);
         }
-    } else if (type == QCOW2_SC_NORMAL &&
-               (int64_t)host >= bdrv_getlength(s->bs->file->bs)) {
-        return qcow2_signal_corruption(s, false, where,
-                                       "L2 entry: data cluster 0x%" PRIx64
-                                       " is past the end of the file",
-                                       host);
+        return NULL;
     }
-    return 0;
+    if ((int64_t)host >= len) {
+        return g_strdup_printf(
+            "data cluster 0x%" PRIx64 " is past the end of the file", host);
+    }
+    if (meta && qcow2_meta_type(s, host) != QCOW2_META_NONE) {
+        return g_strdup_printf("data cluster 0x%" PRIx64 " overlaps %s", host,
+                               qcow2_meta_name(qcow2_meta_type(s, host)));
+    }
+    return NULL;
 }
 
-int coroutine_fn qcow2_co_get_mapping(Qcow2State *s, uint64_t offset,
-                                      int64_t bytes, Qcow2Mapping *m)
+/* Check the host range of @entry for guest @guest_cluster (@meta: see
+ * host_problem()); @where < 0: only tell, do not report. */
+static int check_host(Qcow2State *s, uint64_t entry, uint64_t guest_cluster,
+                      bool meta, int64_t where)
+{
+    g_autofree char *why = host_problem(s, entry, guest_cluster, meta);
+
+    if (!why) {
+        return 0;
+    }
+    if (where < 0) {
+        return -EIO;
+    }
+    return qcow2_signal_corruption(s, false, where, "L2 entry: %s", why);
+}
+
+/*
+ * qcow2_co_get_mapping(), for a read or (@write) for a write.  A write
+ * leaves the metadata test to check_data_write(), right before the data
+ * goes out: finding guest data about to overwrite metadata is fatal (the
+ * image is marked corrupt), where a read merely fails.
+ */
+static int coroutine_fn get_mapping(Qcow2State *s, uint64_t offset,
+                                    int64_t bytes, Qcow2Mapping *m, bool write)
 {
     uint64_t l1_index = offset >> (s->cluster_bits + s->l2_bits);
     uint64_t l2_end = (l1_index + 1) * qcow2_l2_coverage(s);
@@ -221,7 +261,7 @@ int coroutine_fn qcow2_co_get_mapping(Qcow2State *s, uint64_t offset,
             "invalid subcluster bitmap 0x%" PRIx64 " in L2 entry", bitmap);
         goto out;
     }
-    ret = check_host(s, entry, type, cluster, l2 + ci * s->l2_entry_bytes);
+    ret = check_host(s, entry, cluster, !write, l2 + ci * s->l2_entry_bytes);
     if (ret < 0) {
         goto out;
     }
@@ -256,7 +296,7 @@ int coroutine_fn qcow2_co_get_mapping(Qcow2State *s, uint64_t offset,
             ((entry2 & QCOW2_L2E_OFFSET_MASK) !=
                  host + (cluster - (offset - in_cluster)) ||
              !!(entry2 & QCOW2_OFLAG_COPIED) != m->copied ||
-             check_host(s, entry2, t2, cluster, -1) < 0)) {
+             check_host(s, entry2, cluster, !write, -1) < 0)) {
             break;
         }
         n += (int64_t)run * s->sc_size;
@@ -265,6 +305,12 @@ int coroutine_fn qcow2_co_get_mapping(Qcow2State *s, uint64_t offset,
 out:
     qcow2_cache_put(s->l2_cache, e);
     return ret;
+}
+
+int coroutine_fn qcow2_co_get_mapping(Qcow2State *s, uint64_t offset,
+                                      int64_t bytes, Qcow2Mapping *m)
+{
+    return get_mapping(s, offset, bytes, m, false);
 }
 
 /* ---- in-flight host I/O ---- */
@@ -822,6 +868,48 @@ static int coroutine_fn fill_old_pieces(Qcow2State *s, GArray *pieces,
     return 0;
 }
 
+/*
+ * Before guest (or copy-on-write) data goes to [@host, +@bytes): an L2
+ * entry that points at metadata must not let the guest overwrite it.  As
+ * for metadata writes, the overlap check reports it, marks the image
+ * corrupt and refuses further writes.  The lookup needs no lock; the
+ * report takes it, since it updates the header.
+ */
+static int coroutine_fn check_data_write(Qcow2State *s, uint64_t host,
+                                         uint64_t bytes)
+{
+    uint64_t pos;
+    int ret = 0;
+
+    if (qcow2_has_data_file(s)) {
+        return 0; /* the data file holds no metadata */
+    }
+    for (pos = qcow2_start_of_cluster(s, host); pos < host + bytes;
+         pos += s->cluster_size) {
+        if (qcow2_meta_type(s, pos) != QCOW2_META_NONE) {
+            break;
+        }
+    }
+    if (pos >= host + bytes) {
+        return 0;
+    }
+    co_mutex_lock(&s->lock);
+    for (; pos < host + bytes; pos += s->cluster_size) {
+        Qcow2MetaType t = qcow2_meta_type(s, pos);
+
+        if (t != QCOW2_META_NONE) {
+            ret = qcow2_signal_corruption(
+                s, true, pos,
+                "refusing to write guest data over %s (metadata overlap "
+                "check)",
+                qcow2_meta_name(t));
+            break;
+        }
+    }
+    co_mutex_unlock(&s->lock);
+    return ret;
+}
+
 /* Write the pieces: every run of adjacent written pieces in one go. */
 static int coroutine_fn write_pieces(Qcow2State *s, GArray *pieces,
                                      uint64_t offset, IOVector *qiov,
@@ -859,7 +947,10 @@ static int coroutine_fn write_pieces(Qcow2State *s, GArray *pieces,
             }
             len += p->len;
         }
-        ret = bdrv_co_pwritev(s->data_file, start, len, &v, 0, 0);
+        ret = check_data_write(s, start, len);
+        if (ret == 0) {
+            ret = bdrv_co_pwritev(s->data_file, start, len, &v, 0, 0);
+        }
         iov_destroy(&v);
     }
     return ret;
@@ -875,9 +966,34 @@ static void free_pieces(GArray *pieces)
     g_array_free(pieces, TRUE);
 }
 
+/*
+ * May the host range of @entry, being replaced, be freed?  A bogus entry
+ * (misaligned, past the end, a compressed range outside the file) names
+ * clusters that are free or someone else's: freeing them would let the
+ * allocator hand out a cluster still in use.  Reported, never freed.
+ */
+static int check_release(Qcow2State *s, uint64_t entry)
+{
+    g_autofree char *why = NULL;
+
+    if (qcow2_has_data_file(s) && !(entry & QCOW2_OFLAG_COMPRESSED)) {
+        return 0; /* nothing is freed in a data file */
+    }
+    why = host_problem(s, entry, 0, true);
+    if (!why) {
+        return 0;
+    }
+    return qcow2_signal_corruption(
+        s, false, -1, "L2 entry 0x%" PRIx64 ": %s; not freeing its clusters",
+        entry, why);
+}
+
 /* Drop the reference an old L2 entry held (replaced by a new cluster). */
 static void release_entry(Qcow2State *s, uint64_t entry)
 {
+    if (check_release(s, entry) < 0) {
+        return;
+    }
     if (entry & QCOW2_OFLAG_COMPRESSED) {
         uint64_t off, bytes, first;
 
@@ -956,6 +1072,11 @@ static int64_t coroutine_fn write_alloc(Qcow2State *s, uint64_t offset,
         k2 = classify(s, l2_get(s, e->data, ci + k),
                       l2_get_bitmap(s, e->data, ci + k), 0, MIN(end - g, cs));
         if (k2 != kind || (kind == CL_REUSE && !qcow2_has_data_file(s))) {
+            break;
+        }
+        /* Only the first entry went through the lookup's check: a bogus
+         * one ends the run, so that its own write reports it. */
+        if (check_host(s, l2_get(s, e->data, ci + k), g, true, -1) < 0) {
             break;
         }
     }
@@ -1060,12 +1181,16 @@ int coroutine_fn qcow2_co_pwritev(BlockDriverState *bs, int64_t offset,
         if (s->broken) {
             return -EIO;
         }
-        ret = qcow2_co_get_mapping(s, offset, bytes, &m);
+        ret = get_mapping(s, offset, bytes, &m, true);
         if (ret < 0) {
             return ret;
         }
         if (m.type == QCOW2_SC_NORMAL && (m.copied || qcow2_has_data_file(s))) {
             n = m.bytes;
+            ret = check_data_write(s, m.host, n);
+            if (ret < 0) {
+                return ret;
+            }
             qcow2_host_io_begin(s, &io, m.host, n);
             ret = bdrv_co_pwritev(s->data_file, m.host, n, qiov, qoff, 0);
             qcow2_host_io_end(s, &io);
@@ -1229,6 +1354,14 @@ static int coroutine_fn zero_range(Qcow2State *s, uint64_t offset,
                              &bitmap, &release, &punch);
             if (ret < 0) {
                 break;
+            }
+            /* A bogus old entry: neither free nor punch what it names
+             * (it is someone else's), and leave it as it is. */
+            if (release) {
+                ret = check_release(s, old);
+                if (ret < 0) {
+                    break;
+                }
             }
             l2_set(s, e->data, ci, entry, bitmap);
             if (release) {
