@@ -65,6 +65,13 @@ typedef struct VmdkGrainBusy {
     struct VmdkGrainBusy *next;
 } VmdkGrainBusy;
 
+/* A byte range [start, end) of an extent file, and what it holds. */
+typedef struct VmdkRange {
+    int64_t start;
+    int64_t end;
+    const char *what;
+} VmdkRange;
+
 /* The grain directory and tables of a sparse extent (KDMV or COWD). */
 typedef struct VmdkSparse {
     uint32_t version;
@@ -97,6 +104,17 @@ typedef struct VmdkSparse {
      * end with an end-of-stream sector the next append overwrites */
     CoMutex append_lock;
     VmdkGrainBusy *busy; /* grains with an update in flight */
+    /* Metadata no grain may overlap, or a write to the grain would go
+     * over it: the header and what lies before the first grain (the
+     * header's overHead), the embedded descriptor, both directories, a
+     * stream's footer... */
+    VmdkRange meta[6];
+    int n_meta;
+    /* ...and every grain table, by sector, sorted, without duplicates:
+     * both directories' tables, and the tables allocated since open. */
+    uint32_t *gt_sectors;
+    uint32_t n_gt_sectors;
+    uint32_t cap_gt_sectors;
 } VmdkSparse;
 
 typedef struct VmdkExtent {
