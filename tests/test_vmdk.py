@@ -27,6 +27,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from conftest import mounts_under
 from qcow2util import killable_mount, sigkill
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -738,6 +739,31 @@ def test_descriptor_errors(tmp_path):
         img.write_text("# Disk DescriptorFile\nversion=1\nCID=1\n" + body)
         err = mount_error(tmp_path, img)
         assert msg in err and str(img) in err, (body, err)
+
+
+def test_extents_adding_up_past_the_largest_disk(imgfs, tmp_path):
+    """Each extent line is at most 2^47 sectors, but their sum is
+    checked too: past INT64_MAX (in whole sectors) the mount fails with
+    one clear line and nothing is mounted; exactly that much mounts."""
+    head = ("# Disk DescriptorFile\nversion=1\nCID=12345678\n"
+            "parentCID=ffffffff\ncreateType=\"custom\"\n")
+    big = "RW %d ZERO\n" % (1 << 47)
+    largest = (2**63 - 1) // 512 * 512
+    img = tmp_path / "huge.vmdk"
+    img.write_text(head + big * 130)
+    err = mount_error(tmp_path, img)
+    lines = [line for line in err.splitlines()
+             if line.startswith("imgfs:") and "io_uring" not in line]
+    assert len(lines) == 1, err
+    assert "drive 'd'" in lines[0] and str(img) in lines[0], err
+    assert "extents add up to more than %d bytes" % largest in lines[0], err
+    assert mounts_under(tmp_path) == [], err
+    # One sector less than the first overflow: the largest disk.
+    img = tmp_path / "largest.vmdk"
+    img.write_text(head + big * 127 + "RW %d ZERO\n" % ((1 << 47) - 1))
+    with mounted(imgfs, img) as m:
+        assert os.path.getsize(m.path) == largest
+        assert pread(m.path, largest - 512, 512) == bytes(512)
 
 
 # ---- info, fio ---------------------------------------------------------------

@@ -35,6 +35,9 @@
 #include "blockcore/driver.h"
 
 #define VMDK_SECTOR 512
+/* The largest disk: every byte offset must fit an int64_t, and the disk
+ * is made of whole sectors. */
+#define VMDK_MAX_BYTES (INT64_MAX / VMDK_SECTOR * VMDK_SECTOR)
 #define VMDK_MAGIC_KDMV 0x564d444bu /* "KDMV" read little-endian */
 #define VMDK_MAGIC_COWD 0x44574f43u /* "COWD" read little-endian */
 
