@@ -27,6 +27,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from conftest import mounts_under
 from qcow2util import killable_mount, sigkill
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -640,6 +641,61 @@ def test_corrupt_grain_pointers_give_eio(imgfs, tmp_path):
         assert "past the end of the file" in m.logtext()
 
 
+@pytest.mark.parametrize("target", ["redundant gd", "grain table",
+                                    "descriptor", "overhead"])
+def test_grain_pointing_at_metadata_gives_eio(imgfs, tmp_path, target):
+    """A grain table entry pointing into the extent's own metadata is
+    corruption: reads and writes of that grain fail with EIO and one
+    logged line, and nothing is written there (a write in place would
+    zero the directories and tables: the whole disk lost)."""
+    img = tmp_path / "meta.vmdk"
+    run("qemu-img", "create", "-f", "vmdk", img, 16 * MiB)
+    qemu_io(img, "write -P 0x11 0 1M", "write -P 0x22 8M 64k")
+    ref = to_raw(img, tmp_path / "ref.raw")
+    d = img.read_bytes()
+    sector = {"redundant gd": struct.unpack_from("<Q", d, 48)[0],
+              "grain table": gt_entry_offset(img, 0) // 512,
+              # (its first sector, 1, would be a zeroed-grain entry)
+              "descriptor": struct.unpack_from("<Q", d, 28)[0] + 1,
+              # the padding before the first grain
+              "overhead": struct.unpack_from("<Q", d, 64)[0] - 8}[target]
+    assert 0 < sector < struct.unpack_from("<Q", d, 64)[0]  # overHead
+    grain = 20  # not allocated: guest [1.25M, 1.3125M)
+    patch(img, gt_entry_offset(img, grain), struct.pack("<I", sector))
+    before = img.read_bytes()
+    g0, g1 = grain * 65536, (grain + 1) * 65536
+    with mounted(imgfs, img) as m:
+        fd = os.open(m.path, os.O_RDWR)
+        try:
+            with pytest.raises(OSError) as ei:
+                os.pread(fd, 4096, g0)
+            assert ei.value.errno == 5
+            with pytest.raises(OSError) as ei:
+                os.pwrite(fd, bytes(65536), g0)
+                os.fsync(fd)
+            assert ei.value.errno == 5
+            # The rest of the disk is still there.
+            assert os.pread(fd, g0, 0) == ref[:g0]
+            assert os.pread(fd, 16 * MiB - g1, g1) == ref[g1:]
+        finally:
+            os.close(fd)
+        log = [line for line in m.logtext().splitlines()
+               if "overlaps" in line]
+        assert log and "drive 'd'" in log[0] and str(img) in log[0], (
+            m.logtext())
+    after = img.read_bytes()
+    # Only the descriptor's CID (the first write of the session changes
+    # it) may differ: header, directories, tables and grains do not.
+    desc = struct.unpack_from("<Q", d, 28)[0] * 512
+    desc_end = desc + struct.unpack_from("<Q", d, 36)[0] * 512
+    assert len(after) == len(before)
+    assert after[:desc] == before[:desc]
+    assert after[desc_end:] == before[desc_end:]
+    # qemu-img still reads everything else as before.
+    raw = to_raw(img, tmp_path / "after.raw")
+    assert raw[:g0] == ref[:g0] and raw[g1:] == ref[g1:]
+
+
 def test_corrupt_compressed_grain_gives_eio(imgfs, tmp_path):
     img = make_image(tmp_path, "streamOptimized", 4 * MiB,
                      ["write -P 0x44 0 64k", "write -P 0x45 1M 64k"])
@@ -683,6 +739,31 @@ def test_descriptor_errors(tmp_path):
         img.write_text("# Disk DescriptorFile\nversion=1\nCID=1\n" + body)
         err = mount_error(tmp_path, img)
         assert msg in err and str(img) in err, (body, err)
+
+
+def test_extents_adding_up_past_the_largest_disk(imgfs, tmp_path):
+    """Each extent line is at most 2^47 sectors, but their sum is
+    checked too: past INT64_MAX (in whole sectors) the mount fails with
+    one clear line and nothing is mounted; exactly that much mounts."""
+    head = ("# Disk DescriptorFile\nversion=1\nCID=12345678\n"
+            "parentCID=ffffffff\ncreateType=\"custom\"\n")
+    big = "RW %d ZERO\n" % (1 << 47)
+    largest = (2**63 - 1) // 512 * 512
+    img = tmp_path / "huge.vmdk"
+    img.write_text(head + big * 130)
+    err = mount_error(tmp_path, img)
+    lines = [line for line in err.splitlines()
+             if line.startswith("imgfs:") and "io_uring" not in line]
+    assert len(lines) == 1, err
+    assert "drive 'd'" in lines[0] and str(img) in lines[0], err
+    assert "extents add up to more than %d bytes" % largest in lines[0], err
+    assert mounts_under(tmp_path) == [], err
+    # One sector less than the first overflow: the largest disk.
+    img = tmp_path / "largest.vmdk"
+    img.write_text(head + big * 127 + "RW %d ZERO\n" % ((1 << 47) - 1))
+    with mounted(imgfs, img) as m:
+        assert os.path.getsize(m.path) == largest
+        assert pread(m.path, largest - 512, 512) == bytes(512)
 
 
 # ---- info, fio ---------------------------------------------------------------

@@ -122,6 +122,7 @@ void vmdk_sparse_free(VmdkSparse *sp)
     g_free(sp->gt_dirty);
     g_free(sp->gd);
     g_free(sp->rgd);
+    g_free(sp->gt_sectors);
     g_free(sp);
 }
 
@@ -144,6 +145,113 @@ static bool vmdk_gd_entry_ok(VmdkSparse *sp, uint32_t v)
 
     return v == 0 ||
            (v >= 1 && (int64_t)v * VMDK_SECTOR + gt_bytes <= sp->file_len);
+}
+
+/* ---- where grains must not be ------------------------------------- */
+
+/* Remember [@start, @end) of the extent file as metadata, @what for the
+ * messages.  Callers add at most G_N_ELEMENTS(sp->meta) ranges. */
+static void vmdk_meta_add(VmdkSparse *sp, int64_t start, int64_t end,
+                          const char *what)
+{
+    if (end > start && sp->n_meta < (int)G_N_ELEMENTS(sp->meta)) {
+        sp->meta[sp->n_meta++] = (VmdkRange){start, end, what};
+    }
+}
+
+static int vmdk_cmp_u32(const void *a, const void *b)
+{
+    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+
+    return x < y ? -1 : x > y;
+}
+
+/* Note the grain tables both directories point to (before one of them
+ * may be dropped as damaged: its tables are still in the file). */
+static int vmdk_meta_collect_gts(VmdkSparse *sp)
+{
+    uint32_t cap = sp->gd_entries * 2 + 2, n = 0, i, j;
+    uint32_t *v = g_try_new(uint32_t, cap);
+
+    if (!v) {
+        return -ENOMEM;
+    }
+    for (i = 0; i < sp->gd_entries; i++) {
+        if (sp->gd[i] && vmdk_gd_entry_ok(sp, sp->gd[i])) {
+            v[n++] = sp->gd[i];
+        }
+        if (sp->rgd && sp->rgd[i] && vmdk_gd_entry_ok(sp, sp->rgd[i])) {
+            v[n++] = sp->rgd[i];
+        }
+    }
+    qsort(v, n, sizeof(*v), vmdk_cmp_u32);
+    for (i = j = 0; i < n; i++) {
+        if (j == 0 || v[i] != v[j - 1]) {
+            v[j++] = v[i];
+        }
+    }
+    sp->gt_sectors = v;
+    sp->n_gt_sectors = j;
+    sp->cap_gt_sectors = cap;
+    return 0;
+}
+
+/* Note a grain table allocated at byte @pos.  Done as soon as the place
+ * is reserved: a lookup running meanwhile must not take it for a grain. */
+static void vmdk_meta_add_gt(VmdkSparse *sp, int64_t pos)
+{
+    uint32_t sector = pos / VMDK_SECTOR, lo = 0, hi = sp->n_gt_sectors;
+
+    while (lo < hi) {
+        uint32_t mid = lo + (hi - lo) / 2;
+
+        if (sp->gt_sectors[mid] < sector) {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    if (lo < sp->n_gt_sectors && sp->gt_sectors[lo] == sector) {
+        return;
+    }
+    if (sp->n_gt_sectors == sp->cap_gt_sectors) {
+        sp->cap_gt_sectors = sp->cap_gt_sectors * 2 + 2;
+        sp->gt_sectors = g_renew(uint32_t, sp->gt_sectors, sp->cap_gt_sectors);
+    }
+    memmove(sp->gt_sectors + lo + 1, sp->gt_sectors + lo,
+            (sp->n_gt_sectors - lo) * sizeof(uint32_t));
+    sp->gt_sectors[lo] = sector;
+    sp->n_gt_sectors++;
+}
+
+/* What metadata [@start, @end) of the extent file overlaps, or NULL. */
+static const char *vmdk_meta_overlap(VmdkSparse *sp, int64_t start, int64_t end)
+{
+    int64_t gt_bytes = ALIGN_UP((int64_t)sp->gte_per_gt * 4, VMDK_SECTOR);
+    uint32_t lo = 0, hi = sp->n_gt_sectors;
+    int i;
+
+    for (i = 0; i < sp->n_meta; i++) {
+        if (start < sp->meta[i].end && sp->meta[i].start < end) {
+            return sp->meta[i].what;
+        }
+    }
+    /* The tables all have the same size, so their ends are sorted too:
+     * find the first one ending after @start. */
+    while (lo < hi) {
+        uint32_t mid = lo + (hi - lo) / 2;
+
+        if ((int64_t)sp->gt_sectors[mid] * VMDK_SECTOR + gt_bytes <= start) {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    if (lo < sp->n_gt_sectors &&
+        (int64_t)sp->gt_sectors[lo] * VMDK_SECTOR < end) {
+        return "a grain table";
+    }
+    return NULL;
 }
 
 /* Read a directory of sp->gd_entries entries at @off into host order. */
@@ -196,6 +304,30 @@ int coroutine_fn vmdk_sparse_co_load_gd(BlockDriverState *bs, VmdkExtent *e,
             return ret;
         }
     }
+
+    /* Where grains must not be.  The header's overHead covers the
+     * header and, as the writers lay them out, the descriptor, the
+     * directories and the first tables; the rest is listed on its own
+     * in case overHead is smaller than it should be. */
+    vmdk_meta_add(sp, sp->gd_offset,
+                  sp->gd_offset + (int64_t)sp->gd_entries * 4,
+                  "the grain directory");
+    if (sp->rgd) {
+        vmdk_meta_add(sp, sp->rgd_offset,
+                      sp->rgd_offset + (int64_t)sp->gd_entries * 4,
+                      "the redundant grain directory");
+    }
+    vmdk_meta_add(sp, 0, VMDK_SECTOR, "the header");
+    vmdk_meta_add(sp, VMDK_SECTOR, sp->overhead,
+                  "the metadata before the first grain (the header's "
+                  "overHead)");
+    ret = vmdk_meta_collect_gts(sp);
+    if (ret < 0) {
+        vmdk_open_error(errp, e, "cannot list the grain tables: %s",
+                        g_strerror(-ret));
+        return ret;
+    }
+
     for (i = 0; i < sp->gd_entries; i++) {
         if (bad_gd == UINT32_MAX && !vmdk_gd_entry_ok(sp, sp->gd[i])) {
             bad_gd = i;
@@ -291,6 +423,7 @@ int coroutine_fn vmdk_sparse_co_open(BlockDriverState *bs, VmdkExtent *e,
         }
         hdr = footer + 512;
         sp->gd_at_end = true;
+        vmdk_meta_add(sp, sp->file_len - 1536, sp->file_len, "the footer");
         sp->ro_reason = "it is a stream whose grain directory is in its footer";
     }
 
@@ -394,6 +527,20 @@ int coroutine_fn vmdk_sparse_co_open(BlockDriverState *bs, VmdkExtent *e,
         }
         sp->rgd_offset = rgd * VMDK_SECTOR;
     }
+    {
+        uint64_t doff = ld64(hdr + KH_DESC_OFFSET);
+        uint64_t dsize = ld64(hdr + KH_DESC_SIZE);
+        uint64_t max = (uint64_t)sp->file_len / VMDK_SECTOR;
+
+        /* (Not checked here otherwise: only a monolithic image's
+         * descriptor is read from its extent.) */
+        if (doff && doff < max && dsize) {
+            vmdk_meta_add(sp, doff * VMDK_SECTOR,
+                          (dsize < max - doff ? doff + dsize : max) *
+                              VMDK_SECTOR,
+                          "the embedded descriptor");
+        }
+    }
     if (sp->overhead > sp->file_len) {
         vmdk_open_error(errp, e,
                         "file is truncated: %" PRId64
@@ -483,6 +630,15 @@ static int coroutine_fn vmdk_gt_get(BlockDriverState *bs, VmdkExtent *e,
     return ret;
 }
 
+/* Bytes of the disk covered by grain @gi of extent @e. */
+static int64_t vmdk_grain_len(VmdkExtent *e, uint64_t gi)
+{
+    int64_t start = gi * e->sp->grain_bytes;
+    int64_t n = e->bytes - start;
+
+    return n < (int64_t)e->sp->grain_bytes ? n : (int64_t)e->sp->grain_bytes;
+}
+
 int coroutine_fn vmdk_sparse_co_lookup(BlockDriverState *bs, VmdkExtent *e,
                                        int64_t off, uint64_t *host)
 {
@@ -491,6 +647,7 @@ int coroutine_fn vmdk_sparse_co_lookup(BlockDriverState *bs, VmdkExtent *e,
     uint32_t gdi = gi / sp->gte_per_gt;
     uint32_t ti = gi % sp->gte_per_gt;
     uint32_t *gt, v;
+    const char *what;
     int64_t limit;
     int ret;
 
@@ -519,6 +676,18 @@ int coroutine_fn vmdk_sparse_co_lookup(BlockDriverState *bs, VmdkExtent *e,
             "grain %" PRIu64 " at sector %" PRIu32 " is past the end of the "
             "file (%" PRId64 " bytes)",
             gi, v, limit);
+    }
+    /* A grain over the extent's own metadata would be served as data,
+     * and a write to it would go in place over that metadata.  (Of a
+     * compressed grain, only the marker's sector is known here.) */
+    what = vmdk_meta_overlap(
+        sp, (int64_t)v * VMDK_SECTOR,
+        (int64_t)v * VMDK_SECTOR +
+            (sp->compressed ? VMDK_SECTOR : vmdk_grain_len(e, gi)));
+    if (what) {
+        return bdrv_report_corruption(
+            e->file->bs, (int64_t)sp->gd[gdi] * VMDK_SECTOR + ti * 4,
+            "grain %" PRIu64 " at sector %" PRIu32 " overlaps %s", gi, v, what);
     }
     *host = (uint64_t)v * VMDK_SECTOR;
     return VMDK_GRAIN_DATA;
@@ -555,15 +724,6 @@ static int vmdk_inflate(const uint8_t *in, size_t in_len, uint8_t *out,
         }
     }
     return -EIO;
-}
-
-/* Bytes of the disk covered by grain @gi of extent @e. */
-static int64_t vmdk_grain_len(VmdkExtent *e, uint64_t gi)
-{
-    int64_t start = gi * e->sp->grain_bytes;
-    int64_t n = e->bytes - start;
-
-    return n < (int64_t)e->sp->grain_bytes ? n : (int64_t)e->sp->grain_bytes;
 }
 
 /* Read and inflate the compressed grain @gi at @host into @buf (the
@@ -741,10 +901,16 @@ static int coroutine_fn vmdk_alloc_gt_locked(VmdkExtent *e, uint32_t gdi)
         co_mutex_lock(&sp->append_lock);
     }
     pos = vmdk_reserve(sp, gt_bytes);
+    if (pos >= 0) {
+        vmdk_meta_add_gt(sp, pos);
+    }
     /* A stream keeps ending in an end-of-stream marker (a zero sector). */
     ret = pos < 0 ? pos : bdrv_co_pwrite(e->file, pos, len, zeros, 0);
     if (ret == 0 && sp->rgd) {
         rpos = vmdk_reserve(sp, gt_bytes);
+        if (rpos >= 0) {
+            vmdk_meta_add_gt(sp, rpos);
+        }
         ret = rpos < 0 ? rpos : bdrv_co_pwrite(e->file, rpos, len, zeros, 0);
     }
     if (sp->compressed) {

@@ -714,6 +714,15 @@ static int coroutine_fn vmdk_co_open(BlockDriverState *bs, GHashTable *opts,
     }
 
     for (i = 0; i < s->n_extents; i++) {
+        /* Each extent is at most 2^56 bytes, but a descriptor may list
+         * any number of them. */
+        if (s->extents[i].bytes > VMDK_MAX_BYTES - total) {
+            g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,
+                        "%s: extents add up to more than %" PRId64 " bytes",
+                        bdrv_name(bs), VMDK_MAX_BYTES);
+            ret = -EFBIG;
+            goto fail;
+        }
         s->extents[i].start = total;
         total += s->extents[i].bytes;
     }

@@ -35,6 +35,9 @@
 #include "blockcore/driver.h"
 
 #define VMDK_SECTOR 512
+/* The largest disk: every byte offset must fit an int64_t, and the disk
+ * is made of whole sectors. */
+#define VMDK_MAX_BYTES (INT64_MAX / VMDK_SECTOR * VMDK_SECTOR)
 #define VMDK_MAGIC_KDMV 0x564d444bu /* "KDMV" read little-endian */
 #define VMDK_MAGIC_COWD 0x44574f43u /* "COWD" read little-endian */
 
@@ -64,6 +67,13 @@ typedef struct VmdkGrainBusy {
     CoQueue waiters;
     struct VmdkGrainBusy *next;
 } VmdkGrainBusy;
+
+/* A byte range [start, end) of an extent file, and what it holds. */
+typedef struct VmdkRange {
+    int64_t start;
+    int64_t end;
+    const char *what;
+} VmdkRange;
 
 /* The grain directory and tables of a sparse extent (KDMV or COWD). */
 typedef struct VmdkSparse {
@@ -97,6 +107,17 @@ typedef struct VmdkSparse {
      * end with an end-of-stream sector the next append overwrites */
     CoMutex append_lock;
     VmdkGrainBusy *busy; /* grains with an update in flight */
+    /* Metadata no grain may overlap, or a write to the grain would go
+     * over it: the header and what lies before the first grain (the
+     * header's overHead), the embedded descriptor, both directories, a
+     * stream's footer... */
+    VmdkRange meta[6];
+    int n_meta;
+    /* ...and every grain table, by sector, sorted, without duplicates:
+     * both directories' tables, and the tables allocated since open. */
+    uint32_t *gt_sectors;
+    uint32_t n_gt_sectors;
+    uint32_t cap_gt_sectors;
 } VmdkSparse;
 
 typedef struct VmdkExtent {
