@@ -743,12 +743,13 @@ def test_descriptor_errors(tmp_path):
 
 def test_extents_adding_up_past_the_largest_disk(imgfs, tmp_path):
     """Each extent line is at most 2^47 sectors, but their sum is
-    checked too: past INT64_MAX (in whole sectors) the mount fails with
-    one clear line and nothing is mounted; exactly that much mounts."""
+    checked too: past the block layer's largest length (INT64_MAX
+    rounded down to 1 GiB) the mount fails with one clear line and
+    nothing is mounted; exactly that much mounts."""
     head = ("# Disk DescriptorFile\nversion=1\nCID=12345678\n"
             "parentCID=ffffffff\ncreateType=\"custom\"\n")
     big = "RW %d ZERO\n" % (1 << 47)
-    largest = (2**63 - 1) // 512 * 512
+    largest = (2**63 - 1) // 2**30 * 2**30
     img = tmp_path / "huge.vmdk"
     img.write_text(head + big * 130)
     err = mount_error(tmp_path, img)
@@ -758,9 +759,10 @@ def test_extents_adding_up_past_the_largest_disk(imgfs, tmp_path):
     assert "drive 'd'" in lines[0] and str(img) in lines[0], err
     assert "extents add up to more than %d bytes" % largest in lines[0], err
     assert mounts_under(tmp_path) == [], err
-    # One sector less than the first overflow: the largest disk.
+    # The largest disk: 1 GiB short of 128 extents of 2^47 sectors.
     img = tmp_path / "largest.vmdk"
-    img.write_text(head + big * 127 + "RW %d ZERO\n" % ((1 << 47) - 1))
+    img.write_text(head + big * 127 +
+                   "RW %d ZERO\n" % ((1 << 47) - (1 << 21)))
     with mounted(imgfs, img) as m:
         assert os.path.getsize(m.path) == largest
         assert pread(m.path, largest - 512, 512) == bytes(512)

@@ -35,9 +35,8 @@
 #include "blockcore/driver.h"
 
 #define VMDK_SECTOR 512
-/* The largest disk: every byte offset must fit an int64_t, and the disk
- * is made of whole sectors. */
-#define VMDK_MAX_BYTES (INT64_MAX / VMDK_SECTOR * VMDK_SECTOR)
+/* The largest disk: the block layer's largest (whole sectors). */
+#define VMDK_MAX_BYTES BDRV_MAX_LENGTH
 #define VMDK_MAGIC_KDMV 0x564d444bu /* "KDMV" read little-endian */
 #define VMDK_MAGIC_COWD 0x44574f43u /* "COWD" read little-endian */
 
