@@ -696,6 +696,79 @@ def test_grain_pointing_at_metadata_gives_eio(imgfs, tmp_path, target):
     assert raw[:g0] == ref[:g0] and raw[g1:] == ref[g1:]
 
 
+@pytest.mark.parametrize("subformat,write", [
+    ("monolithicSparse", "whole grain"), ("monolithicSparse", "part"),
+    ("streamOptimized", "part")])
+def test_grain_pointing_past_eof_stays_eio_after_appends(imgfs, tmp_path,
+                                                         subformat, write):
+    """A grain table entry pointing past the end of the file is
+    corruption even once this session has appended a grain there: it
+    must not start reading that grain's data, and a write to it must not
+    go over that grain."""
+    img = make_image(tmp_path, subformat, 16 * MiB,
+                     ["write -P 0x11 0 1M", "write -P 0x22 8M 64k"])
+    ref = to_raw(img, tmp_path / "ref.raw")
+    size = img.stat().st_size
+    if subformat == "streamOptimized":
+        # Appends replace the end-of-stream marker.
+        assert img.read_bytes()[-512:] == bytes(512)
+        at = size - 512
+    else:
+        at = (size + 4095) // 4096 * 4096  # grains are 4 KiB aligned
+    bad, good = 100, 200  # neither allocated
+    g_bad, g_good = bad * 65536, good * 65536
+    patch(img, gt_entry_offset(img, bad), struct.pack("<I", at // 512))
+    data = (bytes(range(256)) * 256 if write == "whole grain"
+            else b"\x77" * 4096)
+    with mounted(imgfs, img) as m:
+        fd = os.open(m.path, os.O_RDWR)
+        try:
+            with pytest.raises(OSError) as ei:
+                os.pread(fd, 4096, g_bad)
+            assert ei.value.errno == 5
+            # Appended where the bad entry points.
+            os.pwrite(fd, data, g_good)
+            os.fsync(fd)
+            with pytest.raises(OSError) as ei:
+                os.pread(fd, 4096, g_bad)
+            assert ei.value.errno == 5
+            with pytest.raises(OSError) as ei:
+                os.pwrite(fd, b"\x99" * 65536, g_bad)
+                os.fsync(fd)
+            assert ei.value.errno == 5
+            expected = data + bytes(65536 - len(data))
+            assert os.pread(fd, 65536, g_good) == expected
+            # Written again (a stream appends a new copy, and the old
+            # one is not this grain's any more): still the same.
+            os.pwrite(fd, b"\x78" * 512, g_good + 8192)
+            os.fsync(fd)
+            expected = expected[:8192] + b"\x78" * 512 + expected[8704:]
+            assert os.pread(fd, 65536, g_good) == expected
+            with pytest.raises(OSError) as ei:
+                os.pread(fd, 4096, g_bad)
+            assert ei.value.errno == 5
+            assert os.pread(fd, g_bad, 0) == ref[:g_bad]
+        finally:
+            os.close(fd)
+        assert "past the end of the file" in m.logtext()
+        assert "where grain %d has been written since" % good in (
+            m.logtext())
+    d = img.read_bytes()
+    # The bad entry is as it was, and the grain is where it points.
+    assert struct.unpack_from("<I", d, gt_entry_offset(img, bad))[0] == (
+        at // 512)
+    if subformat != "streamOptimized":
+        assert struct.unpack_from("<I", d, gt_entry_offset(img, good))[0] == (
+            at // 512)
+        assert d[at:at + 65536] == expected
+    qemu_io(img, "read -P 0x11 0 1M", "read -P 0x22 8M 64k")
+    raw = to_raw(img, tmp_path / "after.raw")
+    assert raw[g_good:g_good + 65536] == expected
+    assert raw[:g_bad] == ref[:g_bad]
+    assert raw[g_bad + 65536:g_good] == ref[g_bad + 65536:g_good]
+    assert raw[g_good + 65536:] == ref[g_good + 65536:]
+
+
 def test_corrupt_compressed_grain_gives_eio(imgfs, tmp_path):
     img = make_image(tmp_path, "streamOptimized", 4 * MiB,
                      ["write -P 0x44 0 64k", "write -P 0x45 1M 64k"])

@@ -94,5 +94,6 @@ int coroutine_fn vmdk_cowd_co_open(BlockDriverState *bs, VmdkExtent *e,
         return -EINVAL;
     }
     sp->next_alloc = ALIGN_UP(sp->file_len, VMDK_SECTOR);
+    sp->append_start = sp->next_alloc;
     return vmdk_sparse_co_load_gd(bs, e, errp);
 }

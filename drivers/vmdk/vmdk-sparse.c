@@ -123,7 +123,44 @@ void vmdk_sparse_free(VmdkSparse *sp)
     g_free(sp->gd);
     g_free(sp->rgd);
     g_free(sp->gt_sectors);
+    if (sp->appended) {
+        g_hash_table_destroy(sp->appended);
+    }
     g_free(sp);
+}
+
+/* ---- grains appended by this session ------------------------------ */
+
+/* Note that grain @gi is being appended at byte @pos (at or past
+ * sp->append_start).  Done as soon as the place is reserved, before the
+ * grain table entry can point there. */
+static void vmdk_appended_add(VmdkSparse *sp, int64_t pos, uint64_t gi)
+{
+    uint64_t *owner = g_new(uint64_t, 1);
+
+    if (!sp->appended) {
+        sp->appended =
+            g_hash_table_new_full(g_direct_hash, g_direct_equal, NULL, g_free);
+    }
+    *owner = gi;
+    g_hash_table_replace(sp->appended, GUINT_TO_POINTER(pos / VMDK_SECTOR),
+                         owner);
+}
+
+/* Forget the grain @gi appended at byte @pos, if it is still noted as
+ * @gi's (a failed append, or a compressed grain appended again). */
+static void vmdk_appended_remove(VmdkSparse *sp, int64_t pos, uint64_t gi)
+{
+    gpointer key = GUINT_TO_POINTER(pos / VMDK_SECTOR);
+    const uint64_t *owner;
+
+    if (!sp->appended || pos < sp->append_start) {
+        return;
+    }
+    owner = g_hash_table_lookup(sp->appended, key);
+    if (owner && *owner == gi) {
+        g_hash_table_remove(sp->appended, key);
+    }
 }
 
 void vmdk_open_error(GError **errp, VmdkExtent *e, const char *fmt, ...)
@@ -577,6 +614,7 @@ int coroutine_fn vmdk_sparse_co_open(BlockDriverState *bs, VmdkExtent *e,
             sp->next_alloc = sp->file_len - VMDK_SECTOR;
         }
     }
+    sp->append_start = sp->next_alloc;
     (void)image_rw;
     return 0;
 }
@@ -648,7 +686,6 @@ int coroutine_fn vmdk_sparse_co_lookup(BlockDriverState *bs, VmdkExtent *e,
     uint32_t ti = gi % sp->gte_per_gt;
     uint32_t *gt, v;
     const char *what;
-    int64_t limit;
     int ret;
 
     ret = vmdk_gt_get(bs, e, gdi, &gt);
@@ -669,13 +706,32 @@ int coroutine_fn vmdk_sparse_co_lookup(BlockDriverState *bs, VmdkExtent *e,
             "the zeroed-grain flag is not set",
             ti);
     }
-    limit = sp->next_alloc > sp->file_len ? sp->next_alloc : sp->file_len;
-    if ((int64_t)v * VMDK_SECTOR >= limit) {
-        return bdrv_report_corruption(
-            e->file->bs, (int64_t)sp->gd[gdi] * VMDK_SECTOR + ti * 4,
-            "grain %" PRIu64 " at sector %" PRIu32 " is past the end of the "
-            "file (%" PRId64 " bytes)",
-            gi, v, limit);
+    /* Past what the file held at open, only the grains this session
+     * appended are valid, each for the grain it was appended for: an
+     * entry pointing there otherwise was damaged before, and would make
+     * another grain's data this grain's (and a write to it go over
+     * that grain). */
+    if ((int64_t)v * VMDK_SECTOR >= sp->append_start) {
+        const uint64_t *owner =
+            sp->appended
+                ? g_hash_table_lookup(sp->appended, GUINT_TO_POINTER(v))
+                : NULL;
+
+        if (!owner) {
+            return bdrv_report_corruption(
+                e->file->bs, (int64_t)sp->gd[gdi] * VMDK_SECTOR + ti * 4,
+                "grain %" PRIu64 " at sector %" PRIu32 " is past the end of "
+                "the file (%" PRId64 " bytes at open)",
+                gi, v, sp->append_start);
+        }
+        if (*owner != gi) {
+            return bdrv_report_corruption(
+                e->file->bs, (int64_t)sp->gd[gdi] * VMDK_SECTOR + ti * 4,
+                "grain %" PRIu64 " at sector %" PRIu32 " is past the end of "
+                "the file (%" PRId64 " bytes at open), where grain %" PRIu64
+                " has been written since",
+                gi, v, sp->append_start, *owner);
+        }
     }
     /* A grain over the extent's own metadata would be served as data,
      * and a write to it would go in place over that metadata.  (Of a
@@ -740,6 +796,14 @@ static int coroutine_fn vmdk_read_compressed(VmdkExtent *e, uint64_t gi,
     uint8_t *raw;
     int ret;
 
+    /* A grain the file had at open ends where the file's data did: not
+     * in the grains this session appended after it (nor over the
+     * end-of-stream marker they replace).  (Without markers, nothing is
+     * ever appended: the extent is read only.) */
+    if (sp->markers && (int64_t)host < sp->append_start) {
+        limit =
+            sp->append_start < sp->file_len ? sp->append_start : sp->file_len;
+    }
     if (sp->markers) {
         uint8_t m[VMDK_SECTOR];
 
@@ -1062,7 +1126,7 @@ static int coroutine_fn vmdk_rewrite_grain(BlockDriverState *bs, VmdkExtent *e,
     VmdkSparse *sp = e->sp;
     int64_t glen = vmdk_grain_len(e, gi);
     uint8_t *buf = NULL, *out = NULL;
-    int64_t pos, len;
+    int64_t pos = -1, len;
     int ret;
 
     if (!sp->compressed && in == 0 && n == (int64_t)sp->grain_bytes) {
@@ -1071,6 +1135,7 @@ static int coroutine_fn vmdk_rewrite_grain(BlockDriverState *bs, VmdkExtent *e,
         if (pos < 0) {
             return pos;
         }
+        vmdk_appended_add(sp, pos, gi);
         ret = bdrv_co_pwritev(e->file, pos, n, qiov, qoff, 0);
         goto set_entry;
     }
@@ -1096,6 +1161,7 @@ static int coroutine_fn vmdk_rewrite_grain(BlockDriverState *bs, VmdkExtent *e,
             ret = pos;
             goto out;
         }
+        vmdk_appended_add(sp, pos, gi);
         ret = bdrv_co_pwrite(e->file, pos, sp->grain_bytes, buf, 0);
     } else {
         uLongf clen = compressBound(glen);
@@ -1121,17 +1187,27 @@ static int coroutine_fn vmdk_rewrite_grain(BlockDriverState *bs, VmdkExtent *e,
          * sector the previous one wrote. */
         co_mutex_lock(&sp->append_lock);
         pos = vmdk_reserve(sp, len);
+        if (pos >= 0) {
+            vmdk_appended_add(sp, pos, gi);
+        }
         ret = pos < 0 ? (int)pos
                       : bdrv_co_pwrite(e->file, pos, len + VMDK_SECTOR, out, 0);
         co_mutex_unlock(&sp->append_lock);
         if (ret < 0) {
-            goto out;
+            goto set_entry;
         }
     }
 
 set_entry:
     if (ret == 0) {
         ret = vmdk_set_gte(bs, e, gi, pos / VMDK_SECTOR);
+    }
+    if (ret == 0 && st == VMDK_GRAIN_DATA) {
+        /* A compressed grain appended again: its old copy is dead. */
+        vmdk_appended_remove(sp, host, gi);
+    } else if (ret < 0 && pos >= 0) {
+        /* No entry points at the failed append. */
+        vmdk_appended_remove(sp, pos, gi);
     }
 out:
     bdrv_vfree(buf);

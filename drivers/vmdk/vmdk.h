@@ -101,7 +101,17 @@ typedef struct VmdkSparse {
     const char *ro_reason;
     int64_t file_len;   /* extent file length at open */
     int64_t next_alloc; /* where the next grain or table goes (bytes) */
-    CoMutex meta_lock;  /* table loads, table and directory updates */
+    /* next_alloc at open: what lies from here on was written by this
+     * session (a stream's appends start over its end-of-stream marker,
+     * before file_len) */
+    int64_t append_start;
+    /* Grains this session appended at or past append_start: host sector
+     * -> grain index + 1.  An entry pointing there is only valid if it
+     * is the one this session set: a damaged entry pointing past the end
+     * of the file must not start reading (and writing in place over)
+     * whatever grain a later append puts there. */
+    GHashTable *appended;
+    CoMutex meta_lock; /* table loads, table and directory updates */
     /* compressed extents: appends at the end of the stream, which each
      * end with an end-of-stream sector the next append overwrites */
     CoMutex append_lock;
