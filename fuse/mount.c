@@ -1156,6 +1156,16 @@ int ifs_mount_main(IfsConfig *cfg, const char *mountpoint, bool foreground,
         g_error_free(err);
         goto out_shutdown;
     }
+    /*
+     * From the mount on, a signal must unmount: caught now, it is handled
+     * once the main loop runs (killed by it in between, the daemon would
+     * leave a dead mount behind).
+     */
+    m->loop = g_main_loop_new(NULL, FALSE);
+    g_unix_signal_add(SIGTERM, ifs_signal_cb, m);
+    g_unix_signal_add(SIGINT, ifs_signal_cb, m);
+    g_unix_signal_add(SIGHUP, ifs_sighup_cb, m);
+    signal(SIGPIPE, SIG_IGN);
     m->se = ifs_session_new(m, &err);
     if (!m->se) {
         log_error("%s", err->message);
@@ -1178,12 +1188,6 @@ int ifs_mount_main(IfsConfig *cfg, const char *mountpoint, bool foreground,
             goto out_shutdown;
         }
     }
-
-    m->loop = g_main_loop_new(NULL, FALSE);
-    g_unix_signal_add(SIGTERM, ifs_signal_cb, m);
-    g_unix_signal_add(SIGINT, ifs_signal_cb, m);
-    g_unix_signal_add(SIGHUP, ifs_sighup_cb, m);
-    signal(SIGPIPE, SIG_IGN);
 
     if (notify_fd >= 0) {
         ifs_daemonize_done(notify_fd);
