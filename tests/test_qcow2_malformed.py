@@ -763,3 +763,59 @@ def test_compressed_over_metadata(imgfs, tmp_path, what):
     out = qemu_io(bad, "read -P 0xaa 64k 64k",
                   f"read -P 0xbb {60 * 65536} 256k")
     assert "verification failed" not in out.stdout, out.stdout
+
+
+# -- header extensions and the snapshot table: offsets near 2^64 ------------
+
+
+def assert_refused(imgfs_bin, tmp_path, bad, reason):
+    """The mount and `imgfs info` both refuse BAD with one clear line
+    naming it, at once and without a sanitizer report."""
+    stderr = mount_fails(imgfs_bin, tmp_path, both(tmp_path, bad))
+    assert "drive 'bad'" in stderr and reason in stderr, stderr
+    proc = subprocess.run([str(IMGFS_BIN), "info", str(bad)],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode != 0
+    assert not any(m in proc.stderr for m in SANITIZER_MARKS), proc.stderr
+    lines = error_lines(proc.stderr)
+    assert len(lines) == 1 and "bad.qcow2" in lines[0], proc.stderr
+    assert reason in lines[0], proc.stderr
+
+
+def bitmaps_extension(path):
+    """Where the bitmaps header extension's data starts in the file."""
+    h = header_fields(path)
+    with open(path, "rb") as f:
+        hdr = f.read(65536)
+    pos = h["header_length"]
+    while True:
+        kind, length = struct.unpack(">II", hdr[pos:pos + 8])
+        assert kind, "no bitmaps extension"
+        if kind == 0x23852875:
+            return pos + 8
+        pos += 8 + (length + 7) // 8 * 8
+
+
+# (directory offset, size): None keeps qemu-img's offset.  Before the
+# fix, the huge size looped at open registering 2^46 clusters, and the
+# wrapping offset was accepted.
+BITMAP_DIR = {
+    "huge-size": (None, 1 << 62),
+    "offset-wraps": (2**64 - 65536, 131072),
+    "past-end": (1 << 40, 65536),
+}
+
+
+@pytest.mark.parametrize("case", list(BITMAP_DIR))
+def test_bitmap_directory_refused(imgfs_bin, tmp_path, case):
+    offset, size = BITMAP_DIR[case]
+    bad = data_image(tmp_path / "bad.qcow2")
+    qemu_img("bitmap", "--add", str(bad), "bm0")
+    at = bitmaps_extension(bad)
+    if offset is None:
+        offset = struct.unpack(">Q", bad.read_bytes()[at + 16:at + 24])[0]
+    patch(bad, at + 8, struct.pack(">QQ", size, offset))
+    assert_refused(imgfs_bin, tmp_path, bad,
+                   f"invalid bitmap directory (offset {offset:#x}, "
+                   f"{size} bytes)")
+
