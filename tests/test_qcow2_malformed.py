@@ -819,3 +819,39 @@ def test_bitmap_directory_refused(imgfs_bin, tmp_path, case):
                    f"invalid bitmap directory (offset {offset:#x}, "
                    f"{size} bytes)")
 
+
+# (L1 offset, entries) of a snapshot: the end wraps past 2^64 to a small
+# number, or the offset is negative as an int64 -- both were accepted.
+SNAPSHOT_L1 = {
+    "end-wraps": (2**64 - 65536, 0x2001),
+    "offset-negative": (1 << 63, 1),
+}
+
+
+@pytest.mark.parametrize("case", list(SNAPSHOT_L1))
+def test_snapshot_l1_wrap_refused(imgfs_bin, tmp_path, case):
+    offset, entries = SNAPSHOT_L1[case]
+    bad = data_image(tmp_path / "bad.qcow2")
+    qemu_img("snapshot", "-c", "snap1", str(bad))
+    with open(bad, "rb") as f:
+        f.seek(64)
+        table = struct.unpack(">Q", f.read(8))[0]
+    patch(bad, table, struct.pack(">QI", offset, entries))
+    assert_refused(imgfs_bin, tmp_path, bad,
+                   f"the L1 table of snapshot 'snap1' (offset {offset:#x}, "
+                   f"{entries} entries) is invalid")
+
+
+def test_snapshot_names_past_end_refused(imgfs_bin, tmp_path):
+    """A snapshot whose id and name run past the end of the file: it was
+    read as zeros, and the overlap map claimed the clusters after the end
+    of the file, where the allocator appends."""
+    bad = create_qcow2(tmp_path / "bad.qcow2", SIZE)
+    qemu_img("snapshot", "-c", "snap1", str(bad))
+    with open(bad, "rb") as f:
+        f.seek(64)
+        table = struct.unpack(">Q", f.read(8))[0]
+    assert table + 65536 > os.path.getsize(bad)
+    patch(bad, table + 12, struct.pack(">HH", 65535, 65535))
+    assert_refused(imgfs_bin, tmp_path, bad,
+                   "the snapshot table runs past the end of the file")
