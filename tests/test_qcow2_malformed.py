@@ -8,6 +8,7 @@ another drive of the same mount keeps working.  Never a crash.
 import errno
 import json
 import os
+import random
 import struct
 import subprocess
 
@@ -577,3 +578,280 @@ def test_guest_write_never_overwrites_metadata(imgfs, tmp_path, case):
         assert f.read(65536) == meta
     assert header_fields(bad)["incompatible"] & 2, "corrupt bit not set"
     assert_no_worse(bad, checked)
+
+
+# -- compressed L2 entries naming bogus host ranges -------------------------
+#
+# A compressed entry names a byte range, not a cluster: its host clusters
+# are shared with the neighbouring compressed clusters.  One that lies
+# past the end of the file or inside metadata must not be read as guest
+# data, and replacing it must never free those host clusters: they are
+# someone else's (or do not exist).
+
+CBITS = 62 - (16 - 8)  # where the sector count starts, 64 KiB clusters
+
+
+def compressed_image(tmp_path):
+    """A compressed copy of known data: guest clusters 0-31 half random
+    (so each compresses to about half a cluster and the host clusters are
+    shared), the last MiB 0x22.  (image, expected guest bytes)"""
+    rng = random.Random(7)
+    data = bytearray(SIZE)
+    for c in range(32):
+        data[c * 65536:c * 65536 + 32768] = rng.randbytes(32768)
+    data[SIZE - MiB:] = b"\x22" * MiB
+    raw = tmp_path / "src.raw"
+    raw.write_bytes(data)
+    bad = tmp_path / "bad.qcow2"
+    qemu_img("convert", "-c", "-f", "raw", "-O", "qcow2", str(raw), str(bad))
+    return bad, data
+
+
+def compressed_entry(offset, sectors):
+    """A compressed L2 entry: SECTORS 512-byte sectors from OFFSET."""
+    return (1 << 62) | ((sectors - 1) << CBITS) | offset
+
+
+def set_compressed(path, cluster, offset, sectors):
+    at = l2_entry_offset(path, cluster)
+    with open(path, "rb") as f:
+        f.seek(at)
+        old = struct.unpack(">Q", f.read(8))[0]
+    assert old & (1 << 62), f"qemu-img did not compress cluster {cluster}"
+    patch(path, at, struct.pack(">Q", compressed_entry(offset, sectors)))
+
+
+def refcount(path, offset):
+    """The refcount of the host cluster at OFFSET (64 KiB clusters,
+    16-bit refcounts: qemu-img's defaults)."""
+    h = header_fields(path)
+    assert h["refcount_order"] == 4 and h["cluster_bits"] == 16
+    index = offset >> 16
+    with open(path, "rb") as f:
+        f.seek(h["reftable_offset"] + 8 * (index >> 15))
+        block = struct.unpack(">Q", f.read(8))[0]
+        f.seek(block + 2 * (index & 0x7FFF))
+        return struct.unpack(">H", f.read(2))[0]
+
+
+def punch_eio(drive, offset, length):
+    fd = os.open(drive, os.O_WRONLY)
+    try:
+        with pytest.raises(OSError) as e:
+            fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset,
+                      length)
+        assert e.value.errno == errno.EIO
+    finally:
+        os.close(fd)
+
+
+def assert_guest_data(drive, data, skip, what):
+    """Every guest cluster of DRIVE but those in SKIP holds DATA's bytes."""
+    drop_caches()
+    with open(drive, "rb") as f:
+        for c in range(SIZE // 65536):
+            if c in skip:
+                continue
+            f.seek(c * 65536)
+            assert f.read(65536) == data[c * 65536:(c + 1) * 65536], (
+                f"{what}: guest cluster {c}")
+
+
+def past_end_far(path):
+    return 1 << 40, 65
+
+
+def past_end_straddling(path):
+    """Starts inside the last cluster of the file (shared by the last
+    compressed clusters) and runs into the cluster after the end."""
+    last = (os.path.getsize(path) - 1) & ~0xFFFF
+    return last + 4096, 128
+
+
+@pytest.mark.parametrize("where", [past_end_far, past_end_straddling],
+                         ids=["far", "straddling"])
+def test_compressed_past_end(imgfs, tmp_path, where):
+    """A compressed entry whose range runs past the end of the file: a
+    read is EIO, and so are a full-cluster write and a hole punch over
+    it, which would otherwise free host clusters that do not exist or
+    belong to other compressed clusters.  The image is left as it was."""
+    bad, data = compressed_image(tmp_path)
+    offset, sectors = where(bad)
+    for cluster in (1, 3):
+        set_compressed(bad, cluster, offset, sectors)
+    last = (os.path.getsize(bad) - 1) & ~0xFFFF
+    last_refs = refcount(bad, last)
+    before = bad.read_bytes()
+    checked = damage(bad)
+    mount = imgfs(both(tmp_path, bad))
+    drive = mount.drive("bad")
+
+    assert_eio(drive, 65536, 65536)
+    assert_write_eio(drive, 65536, b"\xaa" * 65536)
+    punch_eio(drive, 3 * 65536, 65536)
+    # other clusters, compressed or not, still read
+    assert_guest_data(drive, data, {1, 3}, "after the failed writes")
+    assert_good_works(mount)
+    log = mount.stderr()
+    assert "drive 'bad'" in log and "bad.qcow2" in log, log
+    assert (f"compressed cluster at {offset:#x} lies past the end of the "
+            "file") in log, log
+    assert "not freeing its clusters" in log, log
+    assert mount.unmount() == 0
+    assert refcount(bad, last) == last_refs
+    assert bad.read_bytes() == before
+    assert_no_worse(bad, checked)
+
+
+@pytest.mark.parametrize("what", ["l1", "refblock"])
+def test_compressed_over_metadata(imgfs, tmp_path, what):
+    """A compressed entry whose range lies in the L1 table or a refcount
+    block: a read is EIO (never metadata served as guest data); a
+    full-cluster write allocates a new cluster and succeeds, but leaves
+    the metadata cluster's reference alone; a hole punch is EIO.  New
+    clusters never land on the metadata, which stays intact."""
+    bad, data = compressed_image(tmp_path)
+    target, name = metadata_target(bad, what)
+    for cluster in (1, 3, 5):
+        set_compressed(bad, cluster, target + 1024, 2)
+    refs = refcount(bad, target)
+    with open(bad, "rb") as f:
+        f.seek(target)
+        meta = f.read(65536)
+    checked = damage(bad)
+    mount = imgfs(both(tmp_path, bad))
+    drive = mount.drive("bad")
+
+    assert_eio(drive, 65536, 65536)
+    # written whole: nothing of the old cluster is read, a new one is
+    # allocated and the old range is not freed
+    fd = os.open(drive, os.O_WRONLY)
+    try:
+        assert os.pwrite(fd, b"\xaa" * 65536, 65536) == 65536
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    punch_eio(drive, 3 * 65536, 65536)
+    fd = os.open(drive, os.O_WRONLY)
+    try:
+        # new clusters: had the metadata cluster been freed, one would be it
+        for i in range(4):
+            os.pwrite(fd, b"\xbb" * 65536, (60 + i) * 65536)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert read_at(drive, 65536, 65536) == b"\xaa" * 65536
+    assert read_at(drive, 60 * 65536, 4 * 65536) == b"\xbb" * 4 * 65536
+    data[65536:2 * 65536] = b"\xaa" * 65536
+    data[60 * 65536:64 * 65536] = b"\xbb" * 4 * 65536
+    assert_guest_data(drive, data, {3, 5}, "after the writes")
+    assert_eio(drive, 5 * 65536, 65536)
+    assert_good_works(mount)
+    log = mount.stderr()
+    assert "drive 'bad'" in log and "bad.qcow2" in log, log
+    assert (f"compressed cluster at {target + 1024:#x} overlaps {name}"
+            in log), log
+    assert "not freeing its clusters" in log, log
+    assert "marking the image corrupt" not in log, log
+    assert mount.unmount() == 0
+    assert refcount(bad, target) == refs
+    if what == "l1":
+        with open(bad, "rb") as f:
+            f.seek(target)
+            assert f.read(65536) == meta
+    assert_no_worse(bad, checked)
+    out = qemu_io(bad, "read -P 0xaa 64k 64k",
+                  f"read -P 0xbb {60 * 65536} 256k")
+    assert "verification failed" not in out.stdout, out.stdout
+
+
+# -- header extensions and the snapshot table: offsets near 2^64 ------------
+
+
+def assert_refused(imgfs_bin, tmp_path, bad, reason):
+    """The mount and `imgfs info` both refuse BAD with one clear line
+    naming it, at once and without a sanitizer report."""
+    stderr = mount_fails(imgfs_bin, tmp_path, both(tmp_path, bad))
+    assert "drive 'bad'" in stderr and reason in stderr, stderr
+    proc = subprocess.run([str(IMGFS_BIN), "info", str(bad)],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode != 0
+    assert not any(m in proc.stderr for m in SANITIZER_MARKS), proc.stderr
+    lines = error_lines(proc.stderr)
+    assert len(lines) == 1 and "bad.qcow2" in lines[0], proc.stderr
+    assert reason in lines[0], proc.stderr
+
+
+def bitmaps_extension(path):
+    """Where the bitmaps header extension's data starts in the file."""
+    h = header_fields(path)
+    with open(path, "rb") as f:
+        hdr = f.read(65536)
+    pos = h["header_length"]
+    while True:
+        kind, length = struct.unpack(">II", hdr[pos:pos + 8])
+        assert kind, "no bitmaps extension"
+        if kind == 0x23852875:
+            return pos + 8
+        pos += 8 + (length + 7) // 8 * 8
+
+
+# (directory offset, size): None keeps qemu-img's offset.  Before the
+# fix, the huge size looped at open registering 2^46 clusters, and the
+# wrapping offset was accepted.
+BITMAP_DIR = {
+    "huge-size": (None, 1 << 62),
+    "offset-wraps": (2**64 - 65536, 131072),
+    "past-end": (1 << 40, 65536),
+}
+
+
+@pytest.mark.parametrize("case", list(BITMAP_DIR))
+def test_bitmap_directory_refused(imgfs_bin, tmp_path, case):
+    offset, size = BITMAP_DIR[case]
+    bad = data_image(tmp_path / "bad.qcow2")
+    qemu_img("bitmap", "--add", str(bad), "bm0")
+    at = bitmaps_extension(bad)
+    if offset is None:
+        offset = struct.unpack(">Q", bad.read_bytes()[at + 16:at + 24])[0]
+    patch(bad, at + 8, struct.pack(">QQ", size, offset))
+    assert_refused(imgfs_bin, tmp_path, bad,
+                   f"invalid bitmap directory (offset {offset:#x}, "
+                   f"{size} bytes)")
+
+
+# (L1 offset, entries) of a snapshot: the end wraps past 2^64 to a small
+# number, or the offset is negative as an int64 -- both were accepted.
+SNAPSHOT_L1 = {
+    "end-wraps": (2**64 - 65536, 0x2001),
+    "offset-negative": (1 << 63, 1),
+}
+
+
+@pytest.mark.parametrize("case", list(SNAPSHOT_L1))
+def test_snapshot_l1_wrap_refused(imgfs_bin, tmp_path, case):
+    offset, entries = SNAPSHOT_L1[case]
+    bad = data_image(tmp_path / "bad.qcow2")
+    qemu_img("snapshot", "-c", "snap1", str(bad))
+    with open(bad, "rb") as f:
+        f.seek(64)
+        table = struct.unpack(">Q", f.read(8))[0]
+    patch(bad, table, struct.pack(">QI", offset, entries))
+    assert_refused(imgfs_bin, tmp_path, bad,
+                   f"the L1 table of snapshot 'snap1' (offset {offset:#x}, "
+                   f"{entries} entries) is invalid")
+
+
+def test_snapshot_names_past_end_refused(imgfs_bin, tmp_path):
+    """A snapshot whose id and name run past the end of the file: it was
+    read as zeros, and the overlap map claimed the clusters after the end
+    of the file, where the allocator appends."""
+    bad = create_qcow2(tmp_path / "bad.qcow2", SIZE)
+    qemu_img("snapshot", "-c", "snap1", str(bad))
+    with open(bad, "rb") as f:
+        f.seek(64)
+        table = struct.unpack(">Q", f.read(8))[0]
+    assert table + 65536 > os.path.getsize(bad)
+    patch(bad, table + 12, struct.pack(">HH", 65535, 65535))
+    assert_refused(imgfs_bin, tmp_path, bad,
+                   "the snapshot table runs past the end of the file")

@@ -503,6 +503,22 @@ static int coroutine_fn read_header(Qcow2State *s, int flags, GError **errp)
         goto out;
     }
 
+    /* The bitmap directory is registered cluster by cluster in the
+     * overlap map: a size near 2^64 would loop (and allocate) for ever,
+     * an offset near 2^64 would wrap the end.  Compared without adding. */
+    if (s->has_bitmaps &&
+        (qcow2_offset_into_cluster(s, s->bitmap_dir_offset) ||
+         s->bitmap_dir_size > QCOW2_MAX_BITMAP_DIR ||
+         s->bitmap_dir_offset > (uint64_t)file_len ||
+         s->bitmap_dir_size > (uint64_t)file_len - s->bitmap_dir_offset)) {
+        ret =
+            set_error(errp, EINVAL,
+                      "'%s': corrupt image: invalid bitmap directory "
+                      "(offset 0x%" PRIx64 ", %" PRIu64 " bytes)",
+                      bdrv_name(bs), s->bitmap_dir_offset, s->bitmap_dir_size);
+        goto out;
+    }
+
     backing_offset = qcow2_get_be64(hdr + QCOW2_HDR_BACKING_OFFSET);
     backing_size = qcow2_get_be32(hdr + QCOW2_HDR_BACKING_SIZE);
     if (backing_offset) {

@@ -52,6 +52,8 @@
 #define QCOW2_MAX_SNAPSHOTS 65536
 #define QCOW2_MAX_SNAPSHOT_TABLE (64 * MiB)
 #define QCOW2_MAX_BACKING_NAME 1023
+/* QEMU's bound on the bitmap directory (65535 bitmaps of 1 KiB). */
+#define QCOW2_MAX_BITMAP_DIR (64 * MiB)
 #define QCOW2_MAX_HOST_OFFSET ((UINT64_C(1) << 56) - 1)
 #define QCOW2_V2_HEADER_LENGTH 72
 #define QCOW2_V3_HEADER_LENGTH 104
