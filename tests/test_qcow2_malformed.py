@@ -820,6 +820,32 @@ def test_bitmap_directory_refused(imgfs_bin, tmp_path, case):
                    f"{size} bytes)")
 
 
+def test_stale_bitmaps_extension_ignored(imgfs, tmp_path):
+    """Without its autoclear bit the bitmaps extension is stale (written
+    over by a program that does not keep bitmaps): ignored, as QEMU
+    ignores it, however wrong its directory -- its clusters may hold
+    guest data by now."""
+    img = data_image(tmp_path / "stale.qcow2")
+    qemu_img("bitmap", "--add", str(img), "bm0")
+    at = bitmaps_extension(img)
+    patch(img, at + 8, struct.pack(">QQ", 1 << 62, 2**64 - 65536))
+    patch(img, 88, struct.pack(">Q", 0))  # autoclear: bitmaps not valid
+    # QEMU accepts it too: the stale bitmaps' clusters are only leaks
+    assert qemu_img("check", str(img), check=False).returncode in (0, 3)
+    mount = imgfs({"d": {"file": img, "format": "qcow2"}})
+    assert read_at(mount.drive("d"), 0, 4096) == b"\x11" * 4096
+    fd = os.open(mount.drive("d"), os.O_WRONLY)
+    try:
+        os.pwrite(fd, b"\x33" * 65536, 3 * MiB)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert mount.unmount() == 0
+    assert qemu_img("check", str(img), check=False).returncode in (0, 3)
+    out = qemu_io(img, f"read -P 0x33 {3 * MiB} 64k", "read -P 0x11 0 1M")
+    assert "verification failed" not in out.stdout, out.stdout
+
+
 # (L1 offset, entries) of a snapshot: the end wraps past 2^64 to a small
 # number, or the offset is negative as an int64 -- both were accepted.
 SNAPSHOT_L1 = {

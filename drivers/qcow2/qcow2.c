@@ -503,6 +503,19 @@ static int coroutine_fn read_header(Qcow2State *s, int flags, GError **errp)
         goto out;
     }
 
+    /*
+     * Bitmaps are valid only while their autoclear bit is set: a program
+     * that does not maintain them clears it when it writes, and may have
+     * freed and reused their clusters since.  A stale extension is ignored,
+     * as QEMU ignores it, lest those clusters count as metadata (guest
+     * writes there would be refused and the image marked corrupt).
+     */
+    if (s->has_bitmaps && !(s->autoclear & QCOW2_AUTOCLEAR_BITMAPS)) {
+        s->has_bitmaps = false;
+        s->nb_bitmaps = 0;
+        s->bitmap_dir_size = 0;
+        s->bitmap_dir_offset = 0;
+    }
     /* The bitmap directory is registered cluster by cluster in the
      * overlap map: a size near 2^64 would loop (and allocate) for ever,
      * an offset near 2^64 would wrap the end.  Compared without adding. */
