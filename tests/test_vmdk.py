@@ -783,6 +783,23 @@ def test_corrupt_compressed_grain_gives_eio(imgfs, tmp_path):
         assert "inflate" in m.logtext()
 
 
+def test_stream_grain_marker_for_another_grain_gives_eio(imgfs, tmp_path):
+    """A stream's grain marker names the grain it holds: an entry that
+    points at another grain's marker gets EIO, not that grain's data."""
+    img = make_image(tmp_path, "streamOptimized", 4 * MiB,
+                     ["write -P 0x44 0 64k", "write -P 0x45 1M 64k"])
+    host0 = struct.unpack_from("<I", img.read_bytes(),
+                               gt_entry_offset(img, 0))[0]
+    patch(img, gt_entry_offset(img, 16), struct.pack("<I", host0))
+    with mounted(imgfs, img) as m:
+        assert pread(m.path, 0, 4096) == b"\x44" * 4096
+        with pytest.raises(OSError) as ei:
+            pread(m.path, MiB, 4096)
+        assert ei.value.errno == 5
+        assert "is for sector 0, not for grain 16 (sector 2048)" in \
+            m.logtext()
+
+
 def test_unclean_shutdown_flag_is_reported(imgfs, tmp_path):
     img = sparse_with_data(tmp_path)
     ref = to_raw(img, tmp_path / "ref.raw")

@@ -811,6 +811,16 @@ static int coroutine_fn vmdk_read_compressed(VmdkExtent *e, uint64_t gi,
         if (ret < 0) {
             return ret;
         }
+        /* The marker names the grain it holds: an entry pointing at
+         * another grain's would serve (and, rewritten, drop) its data. */
+        if (ld64(m) != gi * (sp->grain_bytes / VMDK_SECTOR)) {
+            return bdrv_report_corruption(
+                e->file->bs, host,
+                "grain marker at sector %" PRIu64 " is for sector %" PRIu64
+                ", not for grain %" PRIu64 " (sector %" PRIu64 ")",
+                host / VMDK_SECTOR, ld64(m), gi,
+                gi * (sp->grain_bytes / VMDK_SECTOR));
+        }
         clen = ld32(m + 8);
         if (clen == 0 || clen > (int64_t)(2 * sp->grain_bytes + 4096) ||
             (int64_t)host + VMDK_GRAIN_MARKER_SIZE + clen > limit) {
