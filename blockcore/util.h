@@ -45,6 +45,16 @@ static inline bool ranges_overlap(int64_t off1, int64_t len1, int64_t off2,
     return len1 > 0 && len2 > 0 && off1 < off2 + len2 && off2 < off1 + len1;
 }
 
+/*
+ * Does [off, off + len) lie within [0, size)?  Compared without adding,
+ * so that an offset or length read from a damaged image near 2^64 cannot
+ * wrap the end around and pass.
+ */
+static inline bool range_within(uint64_t off, uint64_t len, uint64_t size)
+{
+    return off <= size && len <= size - off;
+}
+
 #define KiB (INT64_C(1) << 10)
 #define MiB (INT64_C(1) << 20)
 #define GiB (INT64_C(1) << 30)

@@ -888,7 +888,7 @@ static int coroutine_fn repair_bitmaps(Repair *r)
     int ret;
 
     if (!s->has_bitmaps || !s->bitmap_dir_size ||
-        s->bitmap_dir_size > 64 * MiB) {
+        s->bitmap_dir_size > QCOW2_MAX_BITMAP_DIR) {
         return 0;
     }
     ret = repair_inc(r, s->bitmap_dir_offset, s->bitmap_dir_size,

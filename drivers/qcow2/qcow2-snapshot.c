@@ -91,7 +91,7 @@ int coroutine_fn qcow2_co_read_snapshots(Qcow2State *s, GError **errp)
          * claim clusters the allocator is about to append. */
         if (pos + extra + id_len + name_len - s->snapshots_offset >
                 QCOW2_MAX_SNAPSHOT_TABLE ||
-            (uint64_t)extra + id_len + name_len > (uint64_t)file_len - pos) {
+            !range_within(pos, (uint64_t)extra + id_len + name_len, file_len)) {
             goto too_big;
         }
         var = g_malloc(extra + id_len + name_len + 1);
@@ -109,13 +109,11 @@ int coroutine_fn qcow2_co_read_snapshots(Qcow2State *s, GError **errp)
         g_free(var);
         pos = ALIGN_UP(pos + extra + id_len + name_len, 8);
 
-        /* Compared without adding: an offset near 2^64 would wrap the
-         * end of the table to a small number and pass. */
         if (qcow2_offset_into_cluster(s, sn->l1_offset) ||
             (uint64_t)sn->l1_size * 8 > QCOW2_MAX_L1_BYTES ||
-            (sn->l1_size && (sn->l1_offset > (uint64_t)file_len ||
-                             (uint64_t)sn->l1_size * 8 >
-                                 (uint64_t)file_len - sn->l1_offset))) {
+            (sn->l1_size &&
+             !range_within(sn->l1_offset, (uint64_t)sn->l1_size * 8,
+                           file_len))) {
             g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,
                         "'%s': corrupt image: the L1 table of snapshot '%s' "
                         "(offset 0x%" PRIx64 ", %u entries) is invalid",

@@ -468,8 +468,7 @@ static int coroutine_fn read_header(Qcow2State *s, int flags, GError **errp)
     }
     if (s->l1_size &&
         (qcow2_offset_into_cluster(s, s->l1_offset) ||
-         s->l1_offset > (uint64_t)file_len ||
-         (uint64_t)s->l1_size * 8 > (uint64_t)file_len - s->l1_offset)) {
+         !range_within(s->l1_offset, (uint64_t)s->l1_size * 8, file_len))) {
         ret = set_error(errp, EINVAL,
                         "'%s': corrupt image: L1 table at offset 0x%" PRIx64
                         " is %s",
@@ -489,9 +488,9 @@ static int coroutine_fn read_header(Qcow2State *s, int flags, GError **errp)
     }
     if (!s->reftable_offset ||
         qcow2_offset_into_cluster(s, s->reftable_offset) ||
-        s->reftable_offset > (uint64_t)file_len ||
-        (uint64_t)s->reftable_clusters * s->cluster_size >
-            (uint64_t)file_len - s->reftable_offset) {
+        !range_within(s->reftable_offset,
+                      (uint64_t)s->reftable_clusters * s->cluster_size,
+                      file_len)) {
         ret = set_error(errp, EINVAL,
                         "'%s': corrupt image: refcount table at offset "
                         "0x%" PRIx64 " is %s",
@@ -517,13 +516,11 @@ static int coroutine_fn read_header(Qcow2State *s, int flags, GError **errp)
         s->bitmap_dir_offset = 0;
     }
     /* The bitmap directory is registered cluster by cluster in the
-     * overlap map: a size near 2^64 would loop (and allocate) for ever,
-     * an offset near 2^64 would wrap the end.  Compared without adding. */
+     * overlap map: a size near 2^64 would loop (and allocate) for ever. */
     if (s->has_bitmaps &&
         (qcow2_offset_into_cluster(s, s->bitmap_dir_offset) ||
          s->bitmap_dir_size > QCOW2_MAX_BITMAP_DIR ||
-         s->bitmap_dir_offset > (uint64_t)file_len ||
-         s->bitmap_dir_size > (uint64_t)file_len - s->bitmap_dir_offset)) {
+         !range_within(s->bitmap_dir_offset, s->bitmap_dir_size, file_len))) {
         ret =
             set_error(errp, EINVAL,
                       "'%s': corrupt image: invalid bitmap directory "
@@ -535,11 +532,8 @@ static int coroutine_fn read_header(Qcow2State *s, int flags, GError **errp)
     backing_offset = qcow2_get_be64(hdr + QCOW2_HDR_BACKING_OFFSET);
     backing_size = qcow2_get_be32(hdr + QCOW2_HDR_BACKING_SIZE);
     if (backing_offset) {
-        /* Compared without adding: an offset near 2^64 would wrap the
-         * sum and pass, and the name would be read from outside hdr. */
         if (backing_size > QCOW2_MAX_BACKING_NAME ||
-            backing_offset > (uint64_t)n ||
-            backing_size > (uint64_t)n - backing_offset) {
+            !range_within(backing_offset, backing_size, n)) {
             ret = set_error(errp, EINVAL,
                             "'%s': corrupt image: invalid backing file name "
                             "(offset 0x%" PRIx64 ", %u bytes)",

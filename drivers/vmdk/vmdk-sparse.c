@@ -133,33 +133,34 @@ void vmdk_sparse_free(VmdkSparse *sp)
 
 /* Note that grain @gi is being appended at byte @pos (at or past
  * sp->append_start).  Done as soon as the place is reserved, before the
- * grain table entry can point there. */
+ * grain table entry can point there.  (The value is @gi + 1: a missing
+ * key reads as 0.) */
 static void vmdk_appended_add(VmdkSparse *sp, int64_t pos, uint64_t gi)
 {
-    uint64_t *owner = g_new(uint64_t, 1);
-
     if (!sp->appended) {
-        sp->appended =
-            g_hash_table_new_full(g_direct_hash, g_direct_equal, NULL, g_free);
+        sp->appended = g_hash_table_new(g_direct_hash, g_direct_equal);
     }
-    *owner = gi;
     g_hash_table_replace(sp->appended, GUINT_TO_POINTER(pos / VMDK_SECTOR),
-                         owner);
+                         GSIZE_TO_POINTER(gi + 1));
+}
+
+/* The grain this session appended at @sector, or -1. */
+static int64_t vmdk_appended_owner(VmdkSparse *sp, uint32_t sector)
+{
+    gpointer v = sp->appended ? g_hash_table_lookup(sp->appended,
+                                                    GUINT_TO_POINTER(sector))
+                              : NULL;
+
+    return (int64_t)GPOINTER_TO_SIZE(v) - 1;
 }
 
 /* Forget the grain @gi appended at byte @pos, if it is still noted as
  * @gi's (a failed append, or a compressed grain appended again). */
 static void vmdk_appended_remove(VmdkSparse *sp, int64_t pos, uint64_t gi)
 {
-    gpointer key = GUINT_TO_POINTER(pos / VMDK_SECTOR);
-    const uint64_t *owner;
-
-    if (!sp->appended || pos < sp->append_start) {
-        return;
-    }
-    owner = g_hash_table_lookup(sp->appended, key);
-    if (owner && *owner == gi) {
-        g_hash_table_remove(sp->appended, key);
+    if (pos >= sp->append_start &&
+        vmdk_appended_owner(sp, pos / VMDK_SECTOR) == (int64_t)gi) {
+        g_hash_table_remove(sp->appended, GUINT_TO_POINTER(pos / VMDK_SECTOR));
     }
 }
 
@@ -712,25 +713,22 @@ int coroutine_fn vmdk_sparse_co_lookup(BlockDriverState *bs, VmdkExtent *e,
      * another grain's data this grain's (and a write to it go over
      * that grain). */
     if ((int64_t)v * VMDK_SECTOR >= sp->append_start) {
-        const uint64_t *owner =
-            sp->appended
-                ? g_hash_table_lookup(sp->appended, GUINT_TO_POINTER(v))
-                : NULL;
+        int64_t owner = vmdk_appended_owner(sp, v);
 
-        if (!owner) {
+        if (owner < 0) {
             return bdrv_report_corruption(
                 e->file->bs, (int64_t)sp->gd[gdi] * VMDK_SECTOR + ti * 4,
                 "grain %" PRIu64 " at sector %" PRIu32 " is past the end of "
                 "the file (%" PRId64 " bytes at open)",
                 gi, v, sp->append_start);
         }
-        if (*owner != gi) {
+        if ((uint64_t)owner != gi) {
             return bdrv_report_corruption(
                 e->file->bs, (int64_t)sp->gd[gdi] * VMDK_SECTOR + ti * 4,
                 "grain %" PRIu64 " at sector %" PRIu32 " is past the end of "
                 "the file (%" PRId64 " bytes at open), where grain %" PRIu64
                 " has been written since",
-                gi, v, sp->append_start, *owner);
+                gi, v, sp->append_start, (uint64_t)owner);
         }
     }
     /* A grain over the extent's own metadata would be served as data,
