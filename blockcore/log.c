@@ -20,11 +20,6 @@ static void log_open_syslog(void)
 static int log_syslog_from = LOG_LEVEL_DEBUG + 1; /* atomic */
 static LogLevel log_max_level = LOG_LEVEL_INFO;
 
-void log_use_syslog(bool on)
-{
-    log_syslog_from_level(on ? LOG_LEVEL_ERROR : LOG_LEVEL_DEBUG + 1);
-}
-
 void log_syslog_from_level(int level)
 {
     static pthread_once_t once = PTHREAD_ONCE_INIT;

@@ -26,10 +26,9 @@ void log_msgv(LogLevel level, const char *fmt, va_list ap);
 #define log_info(...) log_msg(LOG_LEVEL_INFO, __VA_ARGS__)
 #define log_debug(...) log_msg(LOG_LEVEL_DEBUG, __VA_ARGS__)
 
-/* Route messages to syslog (after daemonizing) instead of stderr. */
-void log_use_syslog(bool on);
 /* Route messages of @level and less important ones to syslog, the rest to
- * stderr (LOG_LEVEL_DEBUG + 1: all to stderr). */
+ * stderr: LOG_LEVEL_ERROR once daemonized (all to syslog), LOG_LEVEL_DEBUG
+ * + 1 (the default) all to stderr. */
 void log_syslog_from_level(int level);
 /* Messages above @level are dropped.  The default is LOG_LEVEL_INFO. */
 void log_set_level(LogLevel level);

@@ -594,7 +594,7 @@ static void ifs_daemonize_done(int fd)
         dup2(null, STDIN_FILENO);
         dup2(null, STDOUT_FILENO);
     }
-    log_use_syslog(true);
+    log_syslog_from_level(LOG_LEVEL_ERROR);
     if (null >= 0) {
         dup2(null, STDERR_FILENO);
         if (null > STDERR_FILENO) {
